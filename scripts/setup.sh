@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with homebake installed, and the default
+# model fetched once into the user cache. `scripts/setup.sh test` also installs the test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="plots"
+[[ "${1:-}" == "test" ]] && extras="plots,test"
+
+python="${PYTHON:-python3}"
+[[ -x .venv/bin/python ]] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
+
+# Skip pip entirely when nothing that decides the install has changed since the last run.
+stamp=".venv/.homebake-setup-$extras"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+  # torch is pinned: on this kind of machine 2.13.0 is a local CPU wheel; anything else pulls a CUDA build.
+  "${pip[@]}" install torch==2.13.0
+  "${pip[@]}" install -e ".[$extras]"
+  echo "$want" > "$stamp"
+fi
+
+.venv/bin/homebake setup
