@@ -16,6 +16,7 @@ from .errors import HomebakeError
 # One module per command (or command group); order is the order shown in --help.
 COMMAND_MODULES = [
     "homebake.commands.setup",
+    "homebake.commands.generate",
 ]
 
 

@@ -1,0 +1,25 @@
+"""Arguments and loading shared by commands that take a model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "auto") -> None:
+    parser.add_argument("--model", "-m", default=None,
+                        help="HF folder, .gguf file, hub id, or smollm2-135m-instruct (the default)")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default=dtype_default,
+                        help="auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16")
+
+
+def load_for_inference(args):
+    """Load the model named by --model onto --device in --dtype, ready for generation."""
+    from ..device import pick_device, pick_dtype
+    from ..model.load import load_model
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device, prefer_bf16=device.type != "cpu")
+    loaded = load_model(args.model, dtype=dtype, device=device)
+    loaded.model.eval()
+    return loaded

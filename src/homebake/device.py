@@ -1,0 +1,42 @@
+"""Device and dtype choice, kept generic across cpu / cuda / mps."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` prefers CUDA, then Apple MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"unknown device {name!r}", where="--device", fix="use auto, cpu, cuda, cuda:N or mps") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA is not available on this machine", where="--device", fix="use --device cpu or auto")
+    return device
+
+
+def supports_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type in ("cpu", "mps")
+
+
+def pick_dtype(name: str, device: torch.device, *, prefer_bf16: bool) -> torch.dtype:
+    """`auto` is bf16 where the device supports it and ``prefer_bf16`` holds, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if prefer_bf16 and supports_bf16(device) else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}", where="--dtype", fix="use auto, fp32, bf16 or fp16")
+    return DTYPES[name]
