@@ -1,0 +1,193 @@
+"""Training checkpoints: written atomically, the last K and the best kept, exactly resumable.
+
+Layout of ``<out>/checkpoints/step-00000120/``:
+
+- ``trainable.safetensors``: the trainable parameters under their model names (fp32 master copies);
+- ``optimizer.pt``: ``optimizer.state_dict()`` (tensors and numbers only, loaded with ``weights_only=True``);
+- ``rng.safetensors`` + the ``rng`` entry of ``trainer_state.json``: torch (CPU and each CUDA device),
+  Python ``random`` and NumPy generator states, so dropout after resume draws what it would have drawn;
+- ``trainer_state.json``: step, data position (epoch, micro-batch index), token count, validation and
+  early-stopping bookkeeping, and the ordered names of the optimised parameters (checked on resume).
+
+Each directory appears only once complete (``fsutil.atomic_dir``), so a crash at any moment leaves
+the previous checkpoints intact and never a half-written one that resume could pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ConfigError
+from ..fsutil import atomic_dir
+
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a resumed run needs to continue where this one stopped."""
+
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    tokens_seen: int = 0  # non-padding input tokens processed
+    trained_tokens: int = 0  # tokens that contributed to the loss
+    elapsed_s: float = 0.0  # training wall time so far, across resumes
+    val_loss: float | None = None  # latest validation loss
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    param_names: list[str] = field(default_factory=list)
+    rng: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainerState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    """RNG states as (tensors for safetensors, JSON-able dict)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    plain = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+    return tensors, plain
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    if "python" in plain:
+        version, state, gauss = plain["python"]
+        random.setstate((version, tuple(state), gauss))
+    if "numpy" in plain:
+        kind, keys, pos, has_gauss, gauss = plain["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    state: TrainerState,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    extra_files=None,
+) -> Path:
+    """Write ``out_dir/checkpoints/step-N`` atomically and return its path.
+
+    ``extra_files(tmp_dir)``, when given, writes more files into the checkpoint before it appears
+    (e.g. a PEFT-format adapter a user can load from an intermediate step).
+    """
+    target = Path(out_dir) / CHECKPOINTS / step_dir_name(state.step)
+    rng_tensors, rng_plain = capture_rng()
+    state.rng = rng_plain
+    with atomic_dir(target, overwrite=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
+        if extra_files is not None:
+            extra_files(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    return target
+
+
+def load_trainer_state(path: str | Path) -> TrainerState:
+    path = Path(path)
+    try:
+        return TrainerState.from_dict(json.loads((path / STATE_FILE).read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as error:
+        raise ConfigError(f"unreadable checkpoint state ({error})", where=str(path / STATE_FILE),
+                          fix="resume from another checkpoint or start a new run") from error
+
+
+def load_checkpoint(
+    path: str | Path,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    *,
+    restore_random: bool = True,
+) -> TrainerState:
+    """Load a checkpoint into the trainable ``params`` (name -> parameter) and ``optimizer``."""
+    path = Path(path)
+    state = load_trainer_state(path)
+    if state.param_names and state.param_names != list(params):
+        missing = sorted(set(state.param_names) ^ set(params))[:3]
+        raise ConfigError(
+            f"checkpoint trains different parameters than this run (e.g. {missing})",
+            where=str(path),
+            fix="resume with the same method, target modules and model as the original run (see its config.yaml)",
+        )
+    weights = load_file(str(path / TRAINABLE_FILE))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
+    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
+    if restore_random:
+        restore_rng(load_file(str(path / RNG_FILE)), state.rng)
+    return state
+
+
+def prune_checkpoints(out_dir: str | Path, keep_last: int, best_step: int | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints and the best one; returns what was removed.
+
+    A doomed directory is first renamed to a hidden name, so a crash mid-delete never leaves a
+    partial checkpoint under a ``step-N`` name.
+    """
+    found = list_checkpoints(out_dir)
+    keep = {step for step, _ in found[-keep_last:]} if keep_last > 0 else set()
+    if best_step is not None:
+        keep.add(best_step)
+    removed = []
+    for step, path in found:
+        if step in keep:
+            continue
+        trash = path.with_name(f".{path.name}.deleting")
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(path)
+    return removed

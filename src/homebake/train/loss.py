@@ -1,0 +1,133 @@
+"""Cross entropy computed only at trained positions, with the LM head applied in chunks.
+
+A causal LM step over B×T tokens with a 49k vocabulary would materialise B×T×V logits (and as many
+gradients) if the head ran on every position; most positions are prompts or padding that the loss
+ignores. Here the hidden states at trained positions are gathered first, then the head and the
+cross entropy run over row chunks, so at most ``chunk_rows × V`` logits exist at a time.
+
+When the head is a plain weight matrix (the usual tied/untied LM head) a fused autograd function
+computes the loss *and* its gradients in the same pass (softmax − one-hot, times the weight), so the
+chunk's logits are freed immediately instead of being kept for backward. Any other head (a callable,
+e.g. one with logit soft-capping) runs chunk by chunk under activation checkpointing.
+
+The functions return the **sum** of token losses and the token count: the training loop divides by
+the number of trained tokens across all accumulation micro-batches, so 2 micro-batches × 4 rows equal
+1 batch × 8 rows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+# Logits budget per chunk: rows × vocab × 4 bytes (fp32) stays around this size.
+DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
+
+Head = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def shift_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets for next-token prediction from labels aligned with ``input_ids`` (HF convention).
+
+    ``targets[:, t] = labels[:, t + 1]``; the last column gets IGNORE_INDEX. In packed rows, a position
+    whose *next* position starts a new example (position id 0) must not predict that example's first
+    token, so it is ignored too.
+    """
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    if position_ids is not None:
+        starts_next = position_ids[:, 1:] == 0
+        targets[:, :-1] = targets[:, :-1].masked_fill(starts_next, IGNORE_INDEX)
+    return targets
+
+
+def gather_trained(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (N, H) and target ids (N,) at the positions whose target is not IGNORE_INDEX."""
+    flat_targets = targets.reshape(-1)
+    index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), flat_targets.index_select(0, index)
+
+
+def default_chunk_rows(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    return max(16, budget_bytes // (4 * max(1, vocab_size)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), gradients computed during forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):  # noqa: D401 - autograd signature
+        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+        matmul_weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = hidden[start:start + chunk_rows]
+            tgt = targets[start:start + chunk_rows]
+            logits = (rows @ matmul_weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tgt.unsqueeze(1)).squeeze(1)).sum()
+            if need_hidden_grad or need_weight_grad:
+                # d(sum CE)/d logits = softmax − one-hot, computed in place over the logits buffer.
+                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
+                grad_logits[torch.arange(tgt.shape[0], device=tgt.device), tgt] -= 1.0
+                grad_logits = grad_logits.to(hidden.dtype)
+                if need_hidden_grad:
+                    torch.matmul(grad_logits, matmul_weight, out=grad_hidden[start:start + chunk_rows])
+                if need_weight_grad:
+                    grad_weight += (grad_logits.t() @ rows).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_total.to(torch.float32)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * scale.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def _callable_head_loss(rows: torch.Tensor, tgt: torch.Tensor, head: Callable) -> torch.Tensor:
+    return F.cross_entropy(head(rows).float(), tgt, reduction="sum")
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: Head,
+    *,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross entropy over trained positions, and how many there were.
+
+    ``hidden`` is (B, T, H) (or (N, H)); ``targets`` has the same leading shape, already shifted (see
+    :func:`shift_targets`), IGNORE_INDEX where nothing is trained. ``head`` is the LM head weight
+    (V, H) — the fused fast path — or any callable mapping (N, H) hidden states to (N, V) logits.
+    """
+    rows, tgt = gather_trained(hidden, targets)
+    count = int(tgt.shape[0])
+    if count == 0:
+        # Keep the graph connected so backward works on a batch with nothing to train.
+        return hidden.sum() * 0.0, 0
+    if isinstance(head, torch.Tensor):
+        chunk = chunk_rows or default_chunk_rows(head.shape[0])
+        return _LinearCrossEntropy.apply(rows, head, tgt, chunk), count
+    chunk = chunk_rows or DEFAULT_CHUNK_BYTES // (4 * 65536)
+    total = None
+    for start in range(0, count, chunk):
+        part_rows, part_tgt = rows[start:start + chunk], tgt[start:start + chunk]
+        if torch.is_grad_enabled() and part_rows.requires_grad:
+            part = checkpoint(_callable_head_loss, part_rows, part_tgt, head, use_reentrant=False)
+        else:
+            part = _callable_head_loss(part_rows, part_tgt, head)
+        total = part if total is None else total + part
+    return total, count
