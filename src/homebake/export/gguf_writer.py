@@ -1,0 +1,167 @@
+"""A minimal but real GGUF writer: HF-named state dict + ModelArgs -> a .gguf llama.cpp and transformers load.
+
+Metadata keys, tensor names and the Q/K row permutation follow llama.cpp's convert_hf_to_gguf.py:
+Llama/Mistral/SmolLM2 are written as architecture "llama" with Q permuted by the head count and K by
+the KV-head count; Qwen2/Qwen3 are written unpermuted. Llama 3.x RoPE scaling becomes the
+``rope_freqs`` tensor, linear scaling the ``rope.scaling.*`` keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import ExportError
+from ..model.args import GGUF_ARCH_OF_MODEL_TYPE, ModelArgs
+from ..model.gguf_file import PERMUTED_QK_ARCHS, hf_to_gguf_name, permute_qk, qk_heads
+from ..model.rope import base_inv_freq, llama3_factors
+
+WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+_FILE_TYPE = {
+    "F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
+    "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
+}
+
+
+def write_gguf(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    args: ModelArgs,
+    *,
+    tokenizer_metadata: Mapping[str, Any] | None = None,
+    tensor_type: str = "F32",
+    name: str | None = None,
+) -> Path:
+    """Write ``state_dict`` (HF names, HF layout) as a GGUF at ``path`` (atomically) and return the path.
+
+    Matrices are stored as ``tensor_type``; norms, biases and matrices whose rows do not fill whole
+    quantisation blocks stay F32 / F16, as llama.cpp's own converter does.
+    """
+    import gguf
+
+    if tensor_type not in WRITABLE_TYPES:
+        raise ExportError(f"GGUF tensor type {tensor_type!r} is not supported",
+                          where="tensor_type", fix=f"use one of {', '.join(WRITABLE_TYPES)}")
+    arch = GGUF_ARCH_OF_MODEL_TYPE.get(args.model_type)
+    if arch is None:
+        raise ExportError(f"cannot write model_type {args.model_type!r} as GGUF", where="model config")
+    path = Path(path)
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    _write_model_metadata(writer, args, arch, tensor_type, name)
+    for key, value in (tokenizer_metadata or {}).items():
+        _write_value(writer, key, value)
+
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    for hf_name, tensor in state_dict.items():
+        if hf_name == "lm_head.weight" and args.tie_word_embeddings:
+            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
+        gguf_name = hf_to_gguf_name(hf_name)
+        if gguf_name is None:
+            raise ExportError(f"tensor {hf_name!r} has no GGUF equivalent", where="state dict",
+                              fix="merge adapters into the base weights before exporting to GGUF")
+        data = tensor.detach().to(device="cpu", dtype=torch.float32)
+        heads = qk_heads(hf_name, args) if arch in PERMUTED_QK_ARCHS else None
+        if heads is not None:
+            data = permute_qk(data, heads)
+        array, raw_dtype = _encode(data.numpy(), qtype)
+        writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
+    if args.rope_type == "llama3":
+        factors = llama3_factors(base_inv_freq(args.rope_theta, args.head_dim).numpy(), args.rope_scaling)
+        writer.add_tensor("rope_freqs.weight", factors.astype(np.float32))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)  # a crash never leaves a half-written GGUF under the final name
+    except BaseException:
+        writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _write_model_metadata(writer, args: ModelArgs, arch: str, tensor_type: str, name: str | None) -> None:
+    import gguf
+
+    writer.add_name(name or args.model_type)
+    writer.add_context_length(args.max_position_embeddings)
+    writer.add_embedding_length(args.hidden_size)
+    writer.add_block_count(args.num_hidden_layers)
+    writer.add_feed_forward_length(args.intermediate_size)
+    writer.add_head_count(args.num_attention_heads)
+    writer.add_head_count_kv(args.num_key_value_heads)
+    writer.add_key_length(args.head_dim)
+    writer.add_value_length(args.head_dim)
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+    writer.add_vocab_size(args.vocab_size)
+    if args.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
+    if arch == "llama" and args.sliding_window:
+        writer.add_sliding_window(args.sliding_window)
+    writer.add_file_type(gguf.LlamaFileType[_FILE_TYPE[tensor_type]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _encode(array: np.ndarray, qtype) -> tuple[np.ndarray, Any]:
+    """(data, raw_dtype for GGUFWriter.add_tensor) for one tensor stored as ``qtype`` where possible."""
+    import gguf
+    from gguf.quants import quantize
+
+    Q = gguf.GGMLQuantizationType
+    if array.ndim == 1 or qtype == Q.F32:
+        return np.ascontiguousarray(array, dtype=np.float32), None
+    if qtype == Q.F16:
+        return array.astype(np.float16), None
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if array.shape[-1] % block:
+        return array.astype(np.float16), None  # rows do not fill whole blocks
+    return quantize(np.ascontiguousarray(array), qtype), qtype
+
+
+# Value types llama.cpp insists on for well-known keys (it reads token ids as uint32, token types as int32).
+_KEY_TYPES = {"tokenizer.ggml.token_type": "INT32", "tokenizer.ggml.scores": "FLOAT32"}
+
+
+def _write_value(writer, key: str, value: Any) -> None:
+    import gguf
+
+    V = gguf.GGUFValueType
+    if isinstance(value, (list, tuple)):
+        sub = _KEY_TYPES.get(key)
+        sub_type = V[sub] if sub else _scalar_type(value[0] if value else "", key)
+        writer.add_key_value(key, list(value), V.ARRAY, sub_type=sub_type)
+    else:
+        writer.add_key_value(key, value, _scalar_type(value, key))
+
+
+def _scalar_type(value: Any, key: str):
+    import gguf
+
+    V = gguf.GGUFValueType
+    if isinstance(value, (bool, np.bool_)):
+        return V.BOOL
+    if isinstance(value, (int, np.integer)):
+        if key.endswith("_token_id") or 0 <= value < 2**32:
+            return V.UINT32
+        return V.INT64
+    if isinstance(value, (float, np.floating)):
+        return V.FLOAT32
+    if isinstance(value, str):
+        return V.STRING
+    raise ExportError(f"metadata value for {key!r} has unsupported type {type(value).__name__}",
+                      where="GGUF metadata", fix="pass str, int, float, bool or lists of them")

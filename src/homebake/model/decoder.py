@@ -1,0 +1,200 @@
+"""One compact Llama-family decoder (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) with explicit flags.
+
+Parameter names are exactly Hugging Face's, so a safetensors checkpoint loads by name. The LM head is
+applied separately (``logits``) so training can compute it only at trained positions.
+
+Packing: when ``position_ids`` restarts at 0 inside a row, each restart begins a new example and
+attention is block-diagonal causal, so no example sees another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .args import ModelArgs
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fused kernel; reduced-precision inputs are normalised in float32 internally
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value buffers (B, kv_heads, max_len, head_dim); ``length`` tokens are filled."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new k/v after the filled part; return everything up to and including them."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.window = args.layer_window(layer)
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=args.attention_bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=args.attention_out_bias)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.store(layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask, kv_cache: KVCache | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache, self.layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """The ``model.`` prefix of HF's *ForCausalLM: embeddings, layers, final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+def attention_mask(
+    position_ids: torch.Tensor | None, start: int, length: int, window: int | None, packed: bool, device
+) -> torch.Tensor | None:
+    """Boolean mask (B|1, 1, T, start+T), True = may attend; None when plain causal attention suffices.
+
+    Queries are tokens start..start+T-1, keys 0..start+T-1. Packed rows restrict attention to the
+    query's own example (a new example starts wherever position_ids is 0).
+    """
+    if start == 0 and window is None and not packed:
+        return None
+    q_idx = torch.arange(start, start + length, device=device)[:, None]
+    k_idx = torch.arange(start + length, device=device)[None, :]
+    mask = k_idx <= q_idx
+    if window is not None:
+        mask = mask & (q_idx - k_idx < window)
+    mask = mask[None, None]
+    if packed:
+        segment = torch.cumsum((position_ids == 0).int(), dim=1)  # (B, T); only used without a cache
+        mask = mask & (segment[:, None, :, None] == segment[:, None, None, :])
+    return mask
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head with HF parameter names; ``forward`` returns final-norm hidden states."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = DecoderModel(args)
+        # Tied models have no lm_head parameter (HF omits it from the state dict); logits use embed_tokens.
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        # RoPE frequencies stay float32 and outside the state dict, so model.to(bfloat16) cannot round them.
+        self._inv_freq, self._rope_scaling = rope_inv_freq(args)
+        self._windows = sorted({args.layer_window(i) for i in range(args.num_hidden_layers)}, key=str)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.head_weight)
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        weight = self.model.embed_tokens.weight
+        shape = (batch_size, self.args.num_key_value_heads, max_len, self.args.head_dim)
+        layers = self.args.num_hidden_layers
+        return KVCache(
+            keys=[torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(layers)],
+            values=[torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(layers)],
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        batch, length = input_ids.shape
+        device = input_ids.device
+        start = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and start + length > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} tokens; {start} + {length} do not fit")
+        packed = False
+        if position_ids is None:
+            position_ids = torch.arange(start, start + length, device=device).expand(batch, length)
+        elif kv_cache is None and length > 1:
+            packed = bool((position_ids[:, 1:] == 0).any())
+
+        h = self.model.embed_tokens(input_ids)
+        if self._inv_freq.device != device:
+            self._inv_freq = self._inv_freq.to(device)
+        cos, sin = rope_cos_sin(self._inv_freq, position_ids, self._rope_scaling, h.dtype)
+        masks = {w: attention_mask(position_ids, start, length, w, packed, device) for w in self._windows}
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            mask = masks[layer.self_attn.window]
+            if use_checkpoint and kv_cache is None:
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length = start + length
+        return self.model.norm(h)

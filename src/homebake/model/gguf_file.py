@@ -1,0 +1,172 @@
+"""Reading GGUF files, and the GGUF <-> Hugging Face boundary (tensor names, Q/K permutation).
+
+llama.cpp's convert_hf_to_gguf.py permutes the rows of Q (with the head count) and K (with the KV-head
+count) for the "llama" architecture (Llama, Mistral, SmolLM2), because ggml's RoPE rotates adjacent
+pairs while HF rotates halves. Qwen2/Qwen3 GGUFs use ggml's NEOX RoPE and are stored unpermuted.
+Inside homebake everything uses HF names and HF's layout; this module is the only place that converts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ModelLoadError
+
+DEQUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+PERMUTED_QK_ARCHS = frozenset({"llama"})
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+# Tensors that configure the model rather than hold weights (read into ModelArgs instead).
+NON_WEIGHT_TENSORS = frozenset({"rope_freqs.weight"})
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)$")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _GGUF_BLOCK.match(name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.{match.group(3)}"
+    return None
+
+
+def hf_to_gguf_name(name: str) -> str | None:
+    for gguf_name, hf_name in _GLOBAL_NAMES.items():
+        if name == hf_name:
+            return gguf_name
+    match = _HF_BLOCK.match(name)
+    if match:
+        for gguf_part, hf_part in _BLOCK_NAMES.items():
+            if hf_part == match.group(2):
+                return f"blk.{match.group(1)}.{gguf_part}.{match.group(3)}"
+    return None
+
+
+def permute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF (rotate-half) row order -> llama.cpp (interleaved pairs) row order, per head."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of ``permute_qk``."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def qk_heads(hf_name: str, args) -> int | None:
+    """Head count a Q/K tensor is permuted with at the GGUF boundary (None: not permuted)."""
+    if ".self_attn.q_proj." in hf_name:
+        return args.num_attention_heads
+    if ".self_attn.k_proj." in hf_name:
+        return args.num_key_value_heads
+    return None
+
+
+@dataclass
+class GGUFContents:
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, np.ndarray]  # GGUF names -> float32 arrays in PyTorch (row-major) shape
+    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF names -> "Q4_1", "F32", ...
+
+
+def read_gguf(path: str | Path) -> GGUFContents:
+    """Read metadata (as plain Python values) and all tensors, dequantised to float32."""
+    import gguf
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    fix = "the file is truncated or not a GGUF; download or export it again"
+    try:
+        reader = gguf.GGUFReader(path)
+        metadata = {key: _plain(f.contents()) for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+        raw = list(reader.tensors)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # the reader raises ValueError/struct/IndexError/... on damaged files
+        raise ModelLoadError(f"cannot read GGUF: {_short(exc)}", where=str(path), fix=fix) from None
+
+    tensors: dict[str, np.ndarray] = {}
+    tensor_types: dict[str, str] = {}
+    for tensor in raw:
+        qtype = tensor.tensor_type.name
+        if qtype not in DEQUANTIZABLE:
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} has type {qtype}, which homebake cannot dequantise "
+                f"(supported: {', '.join(DEQUANTIZABLE)})",
+                where=str(path), fix="use a GGUF quantised as F16, Q8_0, Q4_K_M or similar",
+            )
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+            tensors[tensor.name] = np.asarray(values, dtype=np.float32).reshape(shape)
+        except Exception as exc:
+            raise ModelLoadError(f"tensor {tensor.name!r} is damaged: {_short(exc)}", where=str(path), fix=fix) from None
+        tensor_types[tensor.name] = qtype
+    return GGUFContents(path=path, metadata=metadata, tensors=tensors, tensor_types=tensor_types)
+
+
+def gguf_state_dict(contents: GGUFContents, args) -> dict[str, torch.Tensor]:
+    """HF-named float32 tensors in HF layout (Q/K un-permuted for llama-architecture files)."""
+    permuted = contents.metadata.get("general.architecture") in PERMUTED_QK_ARCHS
+    state: dict[str, torch.Tensor] = {}
+    for name, array in contents.tensors.items():
+        if name in NON_WEIGHT_TENSORS:
+            continue
+        hf_name = gguf_to_hf_name(name)
+        if hf_name is None:
+            raise ModelLoadError(
+                f"unexpected tensor {name!r} (not part of a Llama/Mistral/Qwen decoder)",
+                where=str(contents.path), fix="use a GGUF of a supported dense decoder model",
+            )
+        tensor = torch.from_numpy(array)
+        heads = qk_heads(hf_name, args) if permuted else None
+        if heads is not None:
+            if tensor.shape[0] % (2 * heads):
+                raise ModelLoadError(
+                    f"tensor {name!r} has {tensor.shape[0]} rows, not a multiple of 2 x {heads} heads",
+                    where=str(contents.path), fix="the file's head counts do not match its tensors",
+                )
+            tensor = unpermute_qk(tensor, heads)
+        state[hf_name] = tensor
+    return state
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return value
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]

@@ -1,0 +1,214 @@
+"""Loading a model from wherever the user has it: an HF folder, a hub id, a .gguf file, or the default.
+
+Every user-caused failure (missing path, bad config, corrupt or truncated weights, wrong tensor names or
+shapes) becomes a one-line ModelLoadError naming the file and what to do. Weights are read from
+safetensors or GGUF only — never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError
+from .args import ModelArgs
+from .decoder import CausalLM
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]  # never pickles
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    args: ModelArgs
+    tokenizer: Any  # homebake.tokenizer.Tokenizer, or None when loaded with with_tokenizer=False
+    source_path: Path  # the HF folder or the .gguf file the weights came from
+    source_kind: str  # "hf" | "gguf"
+
+
+@dataclass
+class _Checkpoint:
+    args: ModelArgs
+    state_dict: dict[str, torch.Tensor]
+    origin: dict[str, Path]  # tensor name -> file it came from, for error messages
+    path: Path
+    kind: str
+    gguf_metadata: dict[str, Any] | None = None
+
+
+def resolve_source(source: str | os.PathLike | None) -> tuple[Path, str]:
+    """(path, kind) for a model source: None/default name, local folder, .gguf file, or hub id."""
+    from ..default_model import ensure_default_model, is_default_model_name
+
+    if source is None or (isinstance(source, str) and is_default_model_name(source)):
+        return ensure_default_model(), "gguf"
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError("not a model folder or .gguf file", where=str(path),
+                                 fix="pass a Hugging Face model folder (with config.json), a .gguf file or a hub id")
+        return path, "gguf"
+    if path.is_dir():
+        return path, "hf"
+    text = str(source)
+    if _HUB_ID.match(text) and not text.lower().endswith(".gguf"):
+        return _snapshot(text), "hf"
+    raise ModelLoadError("model path does not exist", where=text,
+                         fix="check the path, or pass a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+
+
+def _snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        # read the cache location now, not at huggingface_hub import time
+        folder = snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=os.environ.get("HF_HUB_CACHE"))
+    except Exception as exc:  # offline-and-not-cached, unknown repo, network errors: all user-actionable
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        fix = ("download it once with network access (unset HF_HUB_OFFLINE), or pass a local folder"
+               if offline else "check the repo id and your network, or pass a local folder")
+        raise ModelLoadError(f"cannot get model from the Hugging Face hub: {type(exc).__name__}",
+                             where=repo_id, fix=fix) from None
+    return Path(folder)
+
+
+def _read_hf_config(folder: Path) -> ModelArgs:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        found = sorted(p.name for p in folder.glob("*.gguf"))
+        fix = (f"pass the .gguf file itself, e.g. {folder / found[0]}" if found
+               else "point at a Hugging Face model folder (config.json + *.safetensors)")
+        raise ModelLoadError("config.json not found", where=str(folder), fix=fix)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"invalid JSON: {exc}", where=str(config_path),
+                             fix="restore the model's original config.json") from None
+    return ModelArgs.from_hf_config(config, where=str(config_path))
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"invalid shard index: {type(exc).__name__}: {exc}", where=str(index_path),
+                                 fix="restore the model's original model.safetensors.index.json") from None
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise ModelLoadError(f"shard {missing[0]!r} listed in the index is missing", where=str(index_path),
+                                 fix="download the complete model")
+        return [folder / f for f in files]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    fix = ("homebake reads safetensors only (pickle files can run code); convert the checkpoint to safetensors"
+           if pickles else "download the model's *.safetensors weights")
+    raise ModelLoadError("no model.safetensors found", where=str(folder), fix=fix)
+
+
+def _read_safetensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    state[name] = handle.get_tensor(name)
+                    origin[name] = file
+        except Exception as exc:  # SafetensorError, OSError, ...: a damaged or truncated file
+            raise ModelLoadError(f"cannot read safetensors ({' '.join(str(exc).split())[:160]})", where=str(file),
+                                 fix="the file is truncated or corrupt; download it again") from None
+    return state, origin
+
+
+def _read_checkpoint(path: Path, kind: str) -> _Checkpoint:
+    if kind == "gguf":
+        from .gguf_file import gguf_state_dict, read_gguf
+
+        contents = read_gguf(path)
+        args = ModelArgs.from_gguf_metadata(contents.metadata, contents.tensors, where=str(path))
+        state = gguf_state_dict(contents, args)
+        return _Checkpoint(args, state, {name: path for name in state}, path, kind, contents.metadata)
+    args = _read_hf_config(path)
+    state, origin = _read_safetensors(_safetensors_files(path))
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # some tied checkpoints store a copy of the embeddings
+    return _Checkpoint(args, state, origin, path, kind)
+
+
+def _check_names_and_shapes(model: CausalLM, checkpoint: _Checkpoint) -> None:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    where_default = str(checkpoint.path)
+    for name, tensor in checkpoint.state_dict.items():
+        where = str(checkpoint.origin.get(name, where_default))
+        if name not in expected:
+            raise ModelLoadError(f"unexpected tensor {name!r}", where=where,
+                                 fix="the weights do not match config.json; use the model's own files")
+        if tuple(tensor.shape) != expected[name]:
+            raise ModelLoadError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {expected[name]}",
+                where=where, fix="the weights do not match config.json; use the model's own files",
+            )
+        if not tensor.is_floating_point():
+            raise ModelLoadError(f"tensor {name!r} has non-float dtype {tensor.dtype}", where=where,
+                                 fix="use an unquantised (bf16/fp16/fp32) checkpoint")
+    missing = sorted(set(expected) - set(checkpoint.state_dict))
+    if missing:
+        raise ModelLoadError(f"tensor {missing[0]!r} is missing ({len(missing)} missing in all)", where=where_default,
+                             fix="download the complete model (all shards)")
+
+
+def build_model(checkpoint: _Checkpoint, *, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
+    with torch.device("meta"):  # no throwaway random init: parameters are assigned from the checkpoint
+        model = CausalLM(checkpoint.args)
+    _check_names_and_shapes(model, checkpoint)
+    state = {name: t.to(device=device, dtype=dtype) for name, t in checkpoint.state_dict.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def load_state_dict(source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+    """HF-named tensors (in the file's dtype; float32 for GGUF) without building the module."""
+    path, kind = resolve_source(source)
+    return _read_checkpoint(path, kind).state_dict
+
+
+def load_model(
+    source: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load model (+ tokenizer) from the default model, a local HF folder, a .gguf file or a hub id."""
+    path, kind = resolve_source(source)
+    checkpoint = _read_checkpoint(path, kind)
+    model = build_model(checkpoint, dtype=dtype, device=device)
+    tokenizer = None
+    if with_tokenizer:
+        from ..tokenizer import Tokenizer  # imported lazily: the model layer works without it
+
+        if kind == "gguf":
+            tokenizer = Tokenizer.from_gguf_metadata(checkpoint.gguf_metadata)
+        else:
+            tokenizer = Tokenizer.from_hf_dir(path)
+    return LoadedModel(model=model, args=checkpoint.args, tokenizer=tokenizer, source_path=path, source_kind=kind)
+
+
+__all__ = ["LoadedModel", "load_model", "load_state_dict", "resolve_source"]

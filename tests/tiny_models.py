@@ -1,0 +1,93 @@
+"""Tiny random models of every supported architecture, built with transformers, for tests across homebake.
+
+``tiny_hf_config(variant)`` returns a config.json dict; ``save_tiny_hf_model(dir, variant)`` builds the
+transformers model from it with random O(1) weights (so numerical differences show) and saves it with
+``save_pretrained`` (safetensors). ``VARIANTS`` names every flavour the model layer supports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_BASE = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# variant name -> (model_type, overrides)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {}),
+    "llama_tied": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),  # SmolLM2-like
+    "llama3_rope": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "llama_linear_rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "mistral_window": ("mistral", {"sliding_window": 5}),
+    "qwen2": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen3": ("qwen3", {"head_dim": 32, "num_key_value_heads": 1}),  # head_dim != hidden / heads
+}
+ARCH_VARIANTS = ["llama", "llama_tied", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3"]
+
+
+def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> dict:
+    """config.json dict for a tiny model. ``model_type`` may also be a VARIANTS name."""
+    if model_type in VARIANTS:
+        model_type, variant_overrides = VARIANTS[model_type]
+        overrides = {**variant_overrides, **overrides}
+    config = {**_BASE, "model_type": model_type, **overrides}
+    if model_type == "mistral":
+        config.setdefault("sliding_window", None)
+    return config
+
+
+def build_tiny_hf_model(config: dict, *, seed: int = 0):
+    """A transformers *ForCausalLM with random weights of unit-ish scale (fp32, eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * noise)
+            elif param.ndim == 1:  # biases
+                param.copy_(0.2 * noise)
+            else:
+                param.copy_(noise / param.shape[-1] ** 0.5)
+    return model.eval()
+
+
+def save_tiny_hf_model(
+    directory: str | Path, model_type: str = "llama", *, seed: int = 0, max_shard_size: str | None = None,
+    **overrides: Any,
+) -> Path:
+    """Build a tiny random transformers model and ``save_pretrained`` it (safetensors) into ``directory``."""
+    directory = Path(directory)
+    model = build_tiny_hf_model(tiny_hf_config(model_type, **overrides), seed=seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    return directory
+
+
+def load_hf_reference(directory: str | Path, **kwargs: Any):
+    """The transformers model saved in ``directory`` (fp32, eager attention, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32,
+                                                **kwargs).eval()
