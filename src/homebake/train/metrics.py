@@ -1,0 +1,124 @@
+"""Run metrics: one JSON line per logged step in ``metrics.jsonl``, and ``loss.png`` (train + validation).
+
+Train lines hold ``step, loss, lr, grad_norm, tokens_per_s, trained_tokens, tokens, epoch, elapsed_s``
+and memory (``rss_gib``, ``peak_rss_gib``, plus ``device_gib``/``peak_device_gib`` on GPUs);
+validation lines hold ``step, val_loss``. A resumed run first drops the lines its crashed predecessor
+wrote after the checkpoint it resumes from, so every step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from ..fsutil import atomic_file
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+GIB = 1024 ** 3
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    stats = {"rss_gib": round(rss_bytes() / GIB, 3), "peak_rss_gib": round(peak_rss_bytes() / GIB, 3)}
+    if device.type == "cuda":
+        stats["device_gib"] = round(torch.cuda.memory_allocated(device) / GIB, 3)
+        stats["peak_device_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        stats["device_gib"] = round(torch.mps.current_allocated_memory() / GIB, 3)
+    return stats
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut short by a crash ends the usable log
+    return records
+
+
+class MetricsLog:
+    """Appends records to ``out/metrics.jsonl`` (flushed per line, so a crash loses nothing written)."""
+
+    def __init__(self, out_dir: str | Path, *, resume_step: int | None = None):
+        self.path = Path(out_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            with atomic_file(self.path, "w") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in kept)
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._handle.write(json.dumps(clean) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def plot_losses(out_dir: str | Path) -> Path | None:
+    """Draw train and validation loss against the step into ``loss.png``; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(Path(out_dir) / METRICS_FILE)
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), label="validation", marker="o", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    target = Path(out_dir) / PLOT_FILE
+    with atomic_file(target, "wb") as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+    return target
