@@ -21,4 +21,11 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 
+# The report test renders report.html in a real headless Chromium (it skips when none is installed).
+if [[ "${1:-}" == "test" ]] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
+    && [[ "$(id -u)" == 0 ]]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup: could not install chromium; the report's browser test will be skipped" >&2
+fi
+
 .venv/bin/homebake setup

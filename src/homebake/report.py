@@ -1,0 +1,392 @@
+"""``report.html``: one self-contained page per run that says, with numbers, whether fine-tuning helped.
+
+The page has no scripts and loads nothing: charts are inline SVG drawn here, styles are inline, so it
+opens offline and can be mailed around. Sections: the verdict, the before/after table, train and
+validation loss curves, throughput and peak memory, generated samples side by side, and the resolved
+config. Everything it shows comes from files in the run folder: ``config.yaml`` and ``metrics.jsonl``
+(written by training) and ``compare.json`` (written by ``homebake compare`` / ``homebake demo``);
+a section whose file is missing says so instead of disappearing.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .fsutil import atomic_file
+
+REPORT_FILE = "report.html"
+COMPARE_FILE = "compare.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+MAX_SAMPLES = 25
+COLOURS = ("#2563eb", "#dc2626", "#059669", "#d97706")
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+# ---------------------------------------------------------------- charts
+
+
+@dataclass
+class Series:
+    label: str
+    points: Sequence[tuple[float, float]]
+    markers: bool = False  # draw a dot at every point (sparse series such as validation loss)
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values covering [low, high] (1, 2 or 5 times a power of ten apart)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return [0.0]
+    if high <= low:
+        high = low + (abs(low) or 1.0)
+    raw = (high - low) / max(1, count)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = math.floor(low / step) * step
+    ticks = []
+    value = first
+    while value <= high + step * 1e-9:
+        ticks.append(round(value, 10))
+        value += step
+    if ticks[-1] < high:
+        ticks.append(round(value, 10))
+    return ticks
+
+
+def _tick_label(value: float) -> str:
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.3g}"
+
+
+def line_chart(title: str, series: Sequence[Series], *, x_label: str, y_label: str,
+               width: int = 640, height: int = 300, chart_id: str = "") -> str:
+    """An SVG line chart with axes, round ticks and a legend; an explanatory note when there is no data."""
+    series = [s for s in series if s.points]
+    left, right, top, bottom = 60, 16, 34, 44
+    inner_w, inner_h = width - left - right, height - top - bottom
+    parts = [f'<svg class="chart" id="{esc(chart_id)}" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+             f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
+             f'<text x="{left}" y="20" class="chart-title">{esc(title)}</text>']
+    if not series:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" class="muted">no data</text>'
+                     "</svg>")
+        return "".join(parts)
+    xs = [x for s in series for x, _ in s.points]
+    ys = [y for s in series for _, y in s.points]
+    x_ticks = nice_ticks(min(xs), max(xs))
+    y_ticks = nice_ticks(min(ys), max(ys))
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / ((x1 - x0) or 1) * inner_w
+
+    def sy(y: float) -> float:
+        return top + inner_h - (y - y0) / ((y1 - y0) or 1) * inner_h
+
+    for tick in y_ticks:
+        parts.append(f'<line x1="{left}" x2="{left + inner_w}" y1="{sy(tick):.1f}" y2="{sy(tick):.1f}" class="grid"/>'
+                     f'<text x="{left - 6}" y="{sy(tick) + 4:.1f}" text-anchor="end" class="tick">'
+                     f"{_tick_label(tick)}</text>")
+    for tick in x_ticks:
+        parts.append(f'<text x="{sx(tick):.1f}" y="{top + inner_h + 16}" text-anchor="middle" class="tick">'
+                     f"{_tick_label(tick)}</text>")
+    parts.append(f'<line x1="{left}" x2="{left + inner_w}" y1="{top + inner_h}" y2="{top + inner_h}" class="axis"/>'
+                 f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + inner_h}" class="axis"/>'
+                 f'<text x="{left + inner_w / 2}" y="{height - 6}" text-anchor="middle" class="axis-label">'
+                 f"{esc(x_label)}</text>"
+                 f'<text transform="translate(14 {top + inner_h / 2}) rotate(-90)" text-anchor="middle" '
+                 f'class="axis-label">{esc(y_label)}</text>')
+    legend_x = left + inner_w - sum(8 * len(s.label) + 24 for s in series)
+    for index, s in enumerate(series):
+        colour = COLOURS[index % len(COLOURS)]
+        points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s.points)
+        parts.append(f'<polyline class="series" data-label="{esc(s.label)}" fill="none" stroke="{colour}" '
+                     f'stroke-width="1.6" points="{points}"/>')
+        if s.markers or len(s.points) == 1:
+            parts.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>' for x, y in s.points)
+        parts.append(f'<rect x="{legend_x}" y="10" width="12" height="3" fill="{colour}"/>'
+                     f'<text x="{legend_x + 16}" y="16" class="tick">{esc(s.label)}</text>')
+        legend_x += 8 * len(s.label) + 24
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl records; a line cut short by a crash ends the log (as in training)."""
+    records = []
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _points(records: list[dict], key: str) -> list[tuple[float, float]]:
+    return [(float(r["step"]), float(r[key])) for r in records
+            if isinstance(r.get("step"), (int, float)) and isinstance(r.get(key), (int, float))
+            and math.isfinite(r[key])]
+
+
+def training_summary(records: list[dict]) -> dict[str, float | int | None]:
+    """Totals from the training log: steps, tokens, wall time, throughput and peak memory."""
+    train = [r for r in records if "loss" in r]
+    last = train[-1] if train else {}
+    speeds = [r["tokens_per_s"] for r in train if isinstance(r.get("tokens_per_s"), (int, float))]
+
+    def peak(key: str) -> float | None:
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+        return max(values) if values else None
+
+    tokens, elapsed = last.get("tokens"), last.get("elapsed_s")
+    overall = tokens / elapsed if isinstance(tokens, (int, float)) and elapsed else None
+    vals = [r["val_loss"] for r in records if isinstance(r.get("val_loss"), (int, float))]
+    return {
+        "steps": last.get("step"),
+        "tokens": tokens,
+        "trained_tokens": last.get("trained_tokens"),
+        "elapsed_s": elapsed,
+        "tokens_per_s": overall if overall is not None else (sum(speeds) / len(speeds) if speeds else None),
+        "final_loss": last.get("loss"),
+        "final_val_loss": vals[-1] if vals else None,
+        "best_val_loss": min(vals) if vals else None,
+        "peak_rss_gib": peak("peak_rss_gib"),
+        "peak_device_gib": peak("peak_device_gib"),
+    }
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if value is None:
+        return "—"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "int":
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return esc(value)
+
+
+def _delta(before: Any, after: Any, kind: str, lower_is_better: bool) -> str:
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
+        return "—"
+    diff = after - before
+    text = f"{100 * diff:+.1f} pts" if kind == "pct" else f"{diff:+.4g}"
+    good = diff < 0 if lower_is_better else diff > 0
+    css = "good" if good and diff else "bad" if diff else "muted"
+    return f'<span class="{css}">{text}</span>'
+
+
+METRIC_ROWS = (  # (label, key path, format, lower is better)
+    ("validation loss (per trained token)", ("loss",), "", True),
+    ("perplexity", ("perplexity",), "", True),
+    ("exact match", ("task", "exact_match"), "pct", False),
+    ("normalised match", ("task", "normalized_match"), "pct", False),
+    ("valid JSON", ("task", "valid_json"), "pct", False),
+    ("per-field match (all fields)", ("task", "field_accuracy"), "pct", False),
+)
+
+
+def _get(data: dict | None, path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def before_after_table(comparison: dict) -> str:
+    base, tuned = comparison.get("base") or {}, comparison.get("tuned") or {}
+    rows = []
+    for label, path, kind, lower in METRIC_ROWS:
+        before, after = _get(base, path), _get(tuned, path)
+        if before is None and after is None:
+            continue
+        rows.append(f"<tr><th>{esc(label)}</th><td>{_fmt(before, kind)}</td><td>{_fmt(after, kind)}</td>"
+                    f"<td>{_delta(before, after, kind, lower)}</td></tr>")
+    fields = list((_get(tuned, ("task", "per_field")) or {}) or (_get(base, ("task", "per_field")) or {}))
+    for name in fields:
+        before = _get(base, ("task", "per_field", name))
+        after = _get(tuned, ("task", "per_field", name))
+        rows.append(f'<tr class="field"><th>field <code>{esc(name)}</code></th><td>{_fmt(before, "pct")}</td>'
+                    f"<td>{_fmt(after, 'pct')}</td><td>{_delta(before, after, 'pct', False)}</td></tr>")
+    speed = [(label, _get(base, (key,)), _get(tuned, (key,))) for label, key in (
+        ("generation speed (tokens/s)", "generation_tokens_per_s"), ("evaluation time (s)", "seconds"))]
+    for label, before, after in speed:
+        if before is not None or after is not None:
+            rows.append(f'<tr class="field"><th>{esc(label)}</th><td>{_fmt(before)}</td><td>{_fmt(after)}</td>'
+                        "<td></td></tr>")
+    count = _get(tuned, ("examples",)) or _get(base, ("examples",))
+    caption = f"{count} held-out examples" if count else "held-out examples"
+    return (f'<table class="metrics" id="before-after"><caption>{esc(caption)}</caption>'
+            "<thead><tr><th></th><th>base</th><th>fine-tuned</th><th>change</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def verdict_banner(comparison: dict | None) -> str:
+    if not comparison or not comparison.get("verdict"):
+        return ('<div class="verdict none" id="verdict"><strong>No before/after comparison yet.</strong> '
+                "Run <code>homebake compare --model M --adapter RUN --data HELD_OUT.jsonl --out RUN</code> "
+                "to add one.</div>")
+    verdict = comparison["verdict"]
+    label = str(verdict.get("label", ""))
+    css = {"improved": "improved", "worse": "worse"}.get(label, "same")
+    return (f'<div class="verdict {css}" id="verdict"><strong>Verdict: {esc(label)}.</strong> '
+            f"{esc(verdict.get('reason', ''))}</div>")
+
+
+def _mark(ok: Any) -> str:
+    if ok is None:
+        return ""
+    return '<span class="good">✓</span>' if ok else '<span class="bad">✗</span>'
+
+
+def samples_table(comparison: dict, limit: int = MAX_SAMPLES) -> str:
+    base = (comparison.get("base") or {}).get("samples") or []
+    tuned = (comparison.get("tuned") or {}).get("samples") or []
+    rows = []
+    for index in range(min(limit, max(len(base), len(tuned)))):
+        b = base[index] if index < len(base) else {}
+        t = tuned[index] if index < len(tuned) else {}
+        prompt = t.get("prompt") or b.get("prompt") or ""
+        reference = t.get("reference") if t.get("reference") is not None else b.get("reference")
+        rows.append("<tr>"
+                    f'<td class="text">{esc(prompt)}</td>'
+                    f'<td class="text">{esc(reference if reference is not None else "—")}</td>'
+                    f'<td class="text">{_mark(b.get("exact"))} {esc(b.get("output", ""))}</td>'
+                    f'<td class="text">{_mark(t.get("exact"))} {esc(t.get("output", ""))}</td>'
+                    "</tr>")
+    shown = len(rows)
+    total = max(len(base), len(tuned))
+    note = f"first {shown} of {total}" if total > shown else f"all {total}"
+    return (f'<table class="samples" id="samples"><caption>Greedy generations, {note} '
+            "(✓ exact match)</caption><thead><tr><th>prompt</th><th>reference</th><th>base</th>"
+            f"<th>fine-tuned</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def training_section(records: list[dict]) -> str:
+    summary = training_summary(records)
+    loss_chart = line_chart("Loss per trained token", [
+        Series("train", _points(records, "loss")),
+        Series("validation", _points(records, "val_loss"), markers=True),
+    ], x_label="optimizer step", y_label="loss", chart_id="loss-chart", width=1052, height=320)
+    speed_chart = line_chart("Training throughput", [Series("tokens/s", _points(records, "tokens_per_s"))],
+                             x_label="optimizer step", y_label="tokens / s", chart_id="throughput-chart",
+                             width=520, height=260)
+    memory_chart = line_chart("Memory", [Series("RSS", _points(records, "rss_gib")),
+                                         Series("device", _points(records, "device_gib"))],
+                              x_label="optimizer step", y_label="GiB", chart_id="memory-chart",
+                              width=520, height=260)
+    rows = [("optimizer steps", _fmt(summary["steps"], "int") if summary["steps"] is not None else "—"),
+            ("tokens processed", _fmt(summary["tokens"], "int") if summary["tokens"] is not None else "—"),
+            ("trained tokens", _fmt(summary["trained_tokens"], "int") if summary["trained_tokens"] else "—"),
+            ("training time", f"{summary['elapsed_s']:.0f} s" if summary["elapsed_s"] else "—"),
+            ("throughput", f"{summary['tokens_per_s']:.0f} tokens/s" if summary["tokens_per_s"] else "—"),
+            ("final train loss", _fmt(summary["final_loss"])),
+            ("final / best validation loss", f"{_fmt(summary['final_val_loss'])} / {_fmt(summary['best_val_loss'])}"),
+            ("peak memory (process RSS)", f"{summary['peak_rss_gib']:.2f} GiB" if summary["peak_rss_gib"] else "—")]
+    if summary["peak_device_gib"]:
+        rows.append(("peak device memory", f"{summary['peak_device_gib']:.2f} GiB"))
+    table = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    if not records:
+        note = '<p class="muted">No metrics.jsonl in this folder (not a training run).</p>'
+    else:
+        note = ""
+    return (f'<section id="training"><h2>Training</h2>{note}<div class="charts">{loss_chart}</div>'
+            f'<div class="charts">{speed_chart}{memory_chart}</div>'
+            f'<table class="summary" id="throughput">{table}</table></section>')
+
+
+STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;
+color:#111827;padding:0 16px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb}
+.muted{color:#6b7280}.good{color:#047857;font-weight:600}.bad{color:#b91c1c;font-weight:600}
+.verdict{padding:12px 16px;border-radius:8px;margin:16px 0;font-size:15px}
+.verdict.improved{background:#ecfdf5;border:1px solid #10b981}.verdict.worse{background:#fef2f2;border:1px solid #ef4444}
+.verdict.same,.verdict.none{background:#f9fafb;border:1px solid #d1d5db}
+table{border-collapse:collapse;margin:8px 0}th,td{padding:4px 10px;border-bottom:1px solid #e5e7eb;text-align:left;
+vertical-align:top}caption{text-align:left;color:#6b7280;padding:4px 0}
+table.metrics td{text-align:right;font-variant-numeric:tabular-nums}tr.field th{font-weight:normal;padding-left:24px}
+table.samples{width:100%;table-layout:fixed}table.samples td.text{font-family:ui-monospace,Menlo,monospace;
+font-size:12px;white-space:pre-wrap;word-break:break-word}
+pre{background:#f9fafb;border:1px solid #e5e7eb;padding:10px;overflow:auto;font-size:12px}
+.charts{display:flex;flex-wrap:wrap;gap:12px}svg.chart{background:#fff;border:1px solid #e5e7eb;border-radius:6px}
+.chart-title{font-size:13px;font-weight:600}.tick{font-size:11px;fill:#4b5563}.axis-label{font-size:12px;fill:#374151}
+.grid{stroke:#f3f4f6}.axis{stroke:#9ca3af}code{font-size:12px}
+"""
+
+
+def render_report(*, title: str, config_text: str | None, records: list[dict], comparison: dict | None,
+                  paths: dict[str, str] | None = None) -> str:
+    """The whole page as a string (pure: all inputs are given)."""
+    subtitle = []
+    if comparison:
+        for key, label in (("model", "model"), ("adapter", "adapter"), ("data", "held-out data")):
+            if comparison.get(key):
+                subtitle.append(f"{label}: <code>{esc(comparison[key])}</code>")
+    parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+             f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{STYLE}</style></head><body>',
+             f"<h1>{esc(title)}</h1>",
+             f'<p class="muted">{" · ".join(subtitle)}</p>' if subtitle else "",
+             verdict_banner(comparison)]
+    if comparison and (comparison.get("base") or comparison.get("tuned")):
+        parts.append(f'<section id="comparison"><h2>Before / after</h2>{before_after_table(comparison)}</section>')
+    parts.append(training_section(records))
+    if comparison and ((comparison.get("base") or {}).get("samples") or (comparison.get("tuned") or {}).get("samples")):
+        parts.append(f'<section id="generations"><h2>Samples</h2>{samples_table(comparison)}</section>')
+    if paths:
+        items = "".join(f"<tr><th>{esc(k)}</th><td><code>{esc(v)}</code></td></tr>" for k, v in paths.items())
+        parts.append(f'<section id="outputs"><h2>Outputs</h2><table>{items}</table></section>')
+    config_html = f"<pre>{esc(config_text)}</pre>" if config_text else '<p class="muted">No config.yaml found.</p>'
+    parts.append(f'<section id="config"><h2>Resolved config</h2>{config_html}</section>')
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def load_comparison(run_dir: Path) -> dict | None:
+    path = run_dir / COMPARE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_report(run_dir: str | Path, *, comparison: dict | None = None, title: str | None = None,
+                 paths: dict[str, str] | None = None) -> Path:
+    """Write ``run_dir/report.html`` from the folder's files (``comparison`` overrides compare.json)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
+    if comparison is None:
+        comparison = load_comparison(run_dir)
+    page = render_report(title=title or f"homebake report — {run_dir.resolve().name}", config_text=config_text,
+                         records=read_metrics(run_dir / METRICS_FILE), comparison=comparison, paths=paths)
+    target = run_dir / REPORT_FILE
+    with atomic_file(target, "w", encoding="utf-8") as handle:
+        handle.write(page)
+    return target
