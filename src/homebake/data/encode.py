@@ -1,0 +1,141 @@
+"""Conversation -> token ids + loss mask, using the model's own chat template.
+
+The mask comes from rendering the conversation prefix by prefix: for each trained assistant turn k,
+``render(messages[:k], add_generation_prompt=True)`` ends where the reply starts and
+``render(messages[:k+1])`` ends where it stops. Both are tokenized and compared with the tokens of the
+whole conversation (longest common prefix), so any template works and the ids are exactly the ones the
+model sees at inference. The trained span runs up to and including the turn's end-of-turn token
+(``<|im_end|>``, ``<|eot_id|>``, ``</s>`` ...); what a template writes after it (a newline) is not trained.
+
+Plain text (continued pre-training) is ``[BOS] + text + EOS`` with every token trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..errors import TemplateError
+from .formats import Conversation, RecordError
+
+
+@dataclass
+class Encoded:
+    """One example ready for packing: ``mask[i]`` is True where token ``ids[i]`` is learned."""
+
+    ids: list[int]
+    mask: list[bool]
+    source: str
+    messages: int = 0  # turns in the conversation (0 for plain text)
+    trained_turns: int = 0  # assistant turns with trained tokens
+    unattributed_turns: int = 0  # assistant turns left untrained because the template re-renders them
+    truncated_tokens: int = 0  # tokens cut by truncation: truncate
+    eos_appended: bool = False  # the template wrote no end-of-turn token after the last reply; EOS added
+
+    @property
+    def num_trained(self) -> int:
+        return sum(self.mask[1:])  # nothing predicts the first token
+
+
+class Encoder:
+    """Encodes conversations for one tokenizer and one set of data settings; raises RecordError."""
+
+    def __init__(self, tokenizer, *, train_on: str = "all_assistant", max_seq_len: int = 2048,
+                 truncation: str = "drop"):
+        self.tokenizer = tokenizer
+        self.train_on = train_on
+        self.max_seq_len = max_seq_len
+        self.truncation = truncation
+        self.end_ids = set(tokenizer.end_token_ids)
+
+    def __call__(self, conversation: Conversation) -> Encoded:
+        if conversation.is_text:
+            ids = self.tokenizer.encode(conversation.text, add_special_tokens=True) + [self.tokenizer.eos_token_id]
+            encoded = Encoded(ids, [True] * len(ids), conversation.source)
+        else:
+            encoded = self._encode_chat(conversation)
+        return self._limit_length(encoded)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _encode_chat(self, conversation: Conversation) -> Encoded:
+        messages = conversation.messages
+        render_options = {"tools": conversation.tools} if conversation.tools else {}
+
+        def render(prefix: Sequence[dict], generation_prompt: bool) -> str:
+            try:
+                return self.tokenizer.render_chat(prefix, add_generation_prompt=generation_prompt, **render_options)
+            except TemplateError as error:
+                raise RecordError("template error", error.message, where=conversation.source,
+                                  fix=error.fix or "check the roles and order of the messages") from None
+
+        full_text = render(messages, False)
+        ids = self._tokens(full_text)
+        encoded = Encoded(ids, [self.train_on == "everything"] * len(ids), conversation.source,
+                          messages=len(messages))
+        if self.train_on == "everything":
+            encoded.trained_turns = sum(m["role"] == "assistant" for m in messages)
+            return encoded
+        turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.train_on == "last_turn":
+            turns = turns[-1:]
+        for k in turns:
+            # Where the reply starts: after the generation prompt; templates whose generation prompt
+            # differs from how past replies are rendered fall back to the plain prefix.
+            starts = [text for text in (render(messages[:k], True), render(messages[:k], False))
+                      if full_text.startswith(text)]
+            end_text = full_text if k == len(messages) - 1 else render(messages[:k + 1], False)
+            if not starts or not full_text.startswith(end_text) or len(end_text) <= len(starts[0]):
+                encoded.unattributed_turns += 1  # the template renders this turn differently later on
+                continue
+            start = _common_prefix(self._tokens(starts[0]), ids)
+            end = len(ids) if end_text is full_text else _common_prefix(self._tokens(end_text), ids)
+            end = self._through_end_token(ids, start, end)
+            if end is None:  # no end-of-turn token in the final reply: the model must still learn to stop
+                ids.append(self.tokenizer.eos_token_id)
+                encoded.mask.append(False)
+                encoded.eos_appended = True
+                end = len(ids)
+            for i in range(start, end):
+                encoded.mask[i] = True
+            encoded.trained_turns += end > start
+        return encoded
+
+    def _tokens(self, text: str) -> list[int]:
+        """Token ids of rendered text, with BOS added only if the model wants one and the template did not
+        write it (the rule of Tokenizer.encode_chat, so training sees exactly what inference sends)."""
+        bos = self.tokenizer.bos_token
+        template_wrote_bos = bos is not None and text.startswith(bos)
+        return self.tokenizer.encode(text, add_special_tokens=not template_wrote_bos)
+
+    def _through_end_token(self, ids: list[int], start: int, end: int) -> int | None:
+        """End of the trained span: just after the span's last end-of-turn token. None when a final reply
+        has none; a reply followed by more turns without one is trained as rendered."""
+        for i in range(end - 1, start - 1, -1):
+            if ids[i] in self.end_ids:
+                return i + 1
+        return None if end == len(ids) else end
+
+    def _limit_length(self, encoded: Encoded) -> Encoded:
+        length = len(encoded.ids)
+        if length > self.max_seq_len:
+            if self.truncation == "drop":
+                raise RecordError("too long", f"{length} tokens > max_seq_len {self.max_seq_len}",
+                                  where=encoded.source, fix="raise max_seq_len or set truncation: truncate")
+            encoded.truncated_tokens = length - self.max_seq_len
+            del encoded.ids[self.max_seq_len:], encoded.mask[self.max_seq_len:]
+        if not any(encoded.mask[1:]):
+            detail = ("every trained token is past max_seq_len" if encoded.truncated_tokens else
+                      "the template leaves no assistant token to learn" if encoded.unattributed_turns else
+                      "nothing is trained")
+            raise RecordError("no trained tokens", detail, where=encoded.source,
+                              fix="raise max_seq_len" if encoded.truncated_tokens else "use train_on: last_turn")
+        return encoded
+
+
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
