@@ -115,6 +115,7 @@ class Tokenizer:
         add_bos_token: bool = False,
         chat_template: str | None = None,
         chat_template_source: str = "chat template",
+        named_chat_templates: Mapping[str, str] | None = None,
         gguf_pre: str | None = None,
         source: str = "tokenizer",
     ):
@@ -126,6 +127,8 @@ class Tokenizer:
         self.add_bos_token = bool(add_bos_token and bos_token_id is not None)
         self.chat_template = chat_template
         self.chat_template_source = chat_template_source
+        # Other templates a tokenizer_config.json may name; HF renders with "tool_use" when tools are given.
+        self.named_chat_templates = dict(named_chat_templates or {})
         self.gguf_pre = gguf_pre
         self.end_token_ids = self._end_token_ids(extra_end_token_ids)
         self.pad_token_id = self._choose_pad(pad_token_id)
@@ -168,11 +171,11 @@ class Tokenizer:
         add_bos = config.get("add_bos_token")
         if add_bos is None:  # not configured: the tokenizer.json post-processor says whether BOS is prepended
             add_bos = _post_processor_prepends(json.loads(backend.to_str()).get("post_processor"), bos)
-        template, template_source = _hf_chat_template(folder, config)
+        templates, template_source = _hf_chat_templates(folder, config)
         return cls(backend, eos_token_id=eos, bos_token_id=bos, unk_token_id=token_id("unk_token"),
                    pad_token_id=token_id("pad_token"), extra_end_token_ids=generation_eos,
-                   add_bos_token=bool(add_bos), chat_template=template, chat_template_source=template_source,
-                   source=str(folder))
+                   add_bos_token=bool(add_bos), chat_template=templates.pop("default", None),
+                   chat_template_source=template_source, named_chat_templates=templates, source=str(folder))
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any], *, source: str | os.PathLike | None = None) -> Tokenizer:
@@ -332,16 +335,19 @@ class Tokenizer:
                     tools: Sequence[Mapping[str, Any]] | None = None,
                     documents: Sequence[Mapping[str, Any]] | None = None, **extra: Any) -> str:
         """The model's own chat template applied to ``messages`` (sandboxed, HF-compatible variables)."""
-        if self.chat_template is None:
+        template, source = self.chat_template, self.chat_template_source
+        if tools is not None and "tool_use" in self.named_chat_templates:
+            template, source = self.named_chat_templates["tool_use"], f"{source} 'tool_use'"
+        if template is None:
             raise TemplateError("the model has no chat template", where=self.source,
                                 fix="use an instruct/chat model, or give the tokenizer a chat template")
         special = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self._token(self.unk_token_id),
                    "pad_token": self._token(self.pad_token_id)}
         variables = {name: value for name, value in special.items() if value is not None}
-        return render_template(self.chat_template, messages=list(messages), add_generation_prompt=add_generation_prompt,
+        return render_template(template, messages=list(messages), add_generation_prompt=add_generation_prompt,
                                tools=list(tools) if tools is not None else None,
                                documents=list(documents) if documents is not None else None,
-                               source=self.chat_template_source, **{**variables, **extra})
+                               source=source, **{**variables, **extra})
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
                     **render_kwargs: Any) -> list[int]:
@@ -443,15 +449,23 @@ def _post_processor_prepends(config: Mapping[str, Any] | None, bos: int | None) 
     return ids[:1] == [bos]
 
 
-def _hf_chat_template(folder: Path, config: Mapping[str, Any]) -> tuple[str | None, str]:
-    """chat_template.jinja wins over tokenizer_config.json's chat_template (a string or a named list)."""
+def _hf_chat_templates(folder: Path, config: Mapping[str, Any]) -> tuple[dict[str, str], str]:
+    """Named chat templates ("default" is the one used) and where they come from.
+
+    chat_template.jinja wins over tokenizer_config.json's chat_template, which is a string or a list of
+    {"name", "template"} entries; a list without "default" uses its first entry by default.
+    """
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        return {"default": jinja_file.read_text(encoding="utf-8")}, str(jinja_file)
     where = f"{folder / 'tokenizer_config.json'} 'chat_template'"
     template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, Mapping)}
-        name = "default" if "default" in named else next(iter(named), None)
-        return named.get(name), f"{where} '{name}'"
-    return (template if isinstance(template, str) else None), where
+    if isinstance(template, str):
+        return {"default": template}, where
+    if isinstance(template, list):
+        named = {entry["name"]: entry["template"] for entry in template
+                 if isinstance(entry, Mapping) and isinstance(entry.get("template"), str)}
+        if named and "default" not in named:
+            named["default"] = next(iter(named.values()))
+        return named, where
+    return {}, where
