@@ -211,4 +211,24 @@ def load_model(
     return LoadedModel(model=model, args=checkpoint.args, tokenizer=tokenizer, source_path=path, source_kind=kind)
 
 
-__all__ = ["LoadedModel", "load_model", "load_state_dict", "resolve_source"]
+def load_tokenizer(source: str | os.PathLike | None = None):
+    """The tokenizer of a model source without reading its weights (for data tools such as `data check`)."""
+    from ..tokenizer import Tokenizer
+
+    path, kind = resolve_source(source)
+    if kind == "hf":
+        return Tokenizer.from_hf_dir(path)
+    import gguf
+
+    from .gguf_file import _plain
+
+    try:  # the reader maps the file and parses headers only; tensors are never dequantised here
+        reader = gguf.GGUFReader(path)
+        metadata = {key: _plain(f.contents()) for key, f in reader.fields.items() if key.startswith("tokenizer.")}
+    except Exception as exc:  # damaged files raise ValueError/struct.error/IndexError/...
+        raise ModelLoadError(f"cannot read GGUF: {type(exc).__name__}: {exc}", where=str(path),
+                             fix="the file is truncated or not a GGUF; download or export it again") from None
+    return Tokenizer.from_gguf_metadata(metadata, source=path)
+
+
+__all__ = ["LoadedModel", "load_model", "load_state_dict", "load_tokenizer", "resolve_source"]
