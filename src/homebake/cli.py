@@ -17,6 +17,8 @@ from .errors import HomebakeError
 COMMAND_MODULES = [
     "homebake.commands.setup",
     "homebake.commands.generate",
+    "homebake.commands.export",
+    "homebake.commands.merge",
 ]
 
 
