@@ -17,6 +17,7 @@ from .errors import HomebakeError
 COMMAND_MODULES = [
     "homebake.commands.setup",
     "homebake.commands.generate",
+    "homebake.commands.data",
     "homebake.commands.export",
     "homebake.commands.merge",
 ]
