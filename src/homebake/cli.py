@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "homebake.commands.setup",
     "homebake.commands.generate",
     "homebake.commands.data",
+    "homebake.commands.train",
     "homebake.commands.export",
     "homebake.commands.merge",
 ]
