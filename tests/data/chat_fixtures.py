@@ -86,3 +86,17 @@ def hf_tokenizer(name: str, template: str):
     backend = tokenizers.Tokenizer.from_str(backend_state(family.specials))
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=family.bos, eos_token=family.eos,
                                    chat_template=template)
+
+
+def write_tokenizer_folder(folder: Path, name: str) -> Path:
+    """An HF tokenizer folder (tokenizer.json + tokenizer_config.json with the chat template), usable as
+    `--model` for commands that only need the tokenizer."""
+    import json
+
+    family = FAMILIES[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(backend_state(family.specials), encoding="utf-8")
+    config = {"bos_token": family.bos, "eos_token": family.eos, "unk_token": family.unk, "pad_token": family.pad,
+              "add_bos_token": family.add_bos, "chat_template": template_text(name)}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder

@@ -339,7 +339,7 @@ def _read_jsonl(path: Path) -> Iterator[Item]:
             if number == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as error:
                 yield source, _utf8_error(error, source)
                 continue
