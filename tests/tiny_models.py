@@ -7,6 +7,7 @@ transformers model from it with random O(1) weights (so numerical differences sh
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("mistral", {"sliding_window": None}),
     "mistral_window": ("mistral", {"sliding_window": 5}),
     "qwen2": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
     "qwen3": ("qwen3", {"head_dim": 32, "num_key_value_heads": 1}),  # head_dim != hidden / heads
 }
 ARCH_VARIANTS = ["llama", "llama_tied", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3"]
@@ -47,7 +49,8 @@ def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> dict:
     if model_type in VARIANTS:
         model_type, variant_overrides = VARIANTS[model_type]
         overrides = {**variant_overrides, **overrides}
-    config = {**_BASE, "model_type": model_type, **overrides}
+    # deep copy: transformers' config classes mutate nested dicts (rope_scaling) they are given
+    config = copy.deepcopy({**_BASE, "model_type": model_type, **overrides})
     if model_type == "mistral":
         config.setdefault("sliding_window", None)
     return config

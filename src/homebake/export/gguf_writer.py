@@ -26,6 +26,8 @@ WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 _FILE_TYPE = {
     "F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
     "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
+    # mixes written by homebake.export.gguf (per-tensor types, K-quants from homebake.export.kquants)
+    "Q4_K_M": "MOSTLY_Q4_K_M", "Q5_K_M": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K",
 }
 
 
@@ -54,7 +56,14 @@ def write_gguf(
     path = Path(path)
     writer = gguf.GGUFWriter(path=None, arch=arch)
     _write_model_metadata(writer, args, arch, tensor_type, name)
-    for key, value in (tokenizer_metadata or {}).items():
+    tokenizer_metadata = dict(tokenizer_metadata or {})
+    # keep the config's special ids even when no tokenizer metadata is given (the tokenizer's win)
+    for key, value in (("tokenizer.ggml.bos_token_id", args.bos_token_id),
+                       ("tokenizer.ggml.eos_token_id", args.eos_token_id)):
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, int) and key not in tokenizer_metadata:
+            tokenizer_metadata[key] = value
+    for key, value in tokenizer_metadata.items():
         _write_value(writer, key, value)
 
     qtype = gguf.GGMLQuantizationType[tensor_type]
@@ -95,7 +104,9 @@ def write_gguf(
 def _write_model_metadata(writer, args: ModelArgs, arch: str, tensor_type: str, name: str | None) -> None:
     import gguf
 
-    writer.add_name(name or args.model_type)
+    # transformers' GGUF loader treats "mistral" in the name as a separate (unsupported) architecture,
+    # so the default name avoids model_type; pass the model's real name to override
+    writer.add_name(name or "homebake model")
     writer.add_context_length(args.max_position_embeddings)
     writer.add_embedding_length(args.hidden_size)
     writer.add_block_count(args.num_hidden_layers)

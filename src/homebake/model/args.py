@@ -260,7 +260,7 @@ def _hf_rope(config: Mapping[str, Any], where: str) -> tuple[float, dict | None]
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
         theta = config.get("rope_theta", 10000.0)
-        scaling = dict(config.get("rope_scaling") or {})
+        scaling = {k: v for k, v in (config.get("rope_scaling") or {}).items() if k != "rope_theta"}
     rope_type = scaling.pop("type", None) or scaling.get("rope_type") or "default"
     scaling["rope_type"] = rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:

@@ -104,7 +104,7 @@ def read_gguf(path: str | Path) -> GGUFContents:
     fix = "the file is truncated or not a GGUF; download or export it again"
     try:
         reader = gguf.GGUFReader(path)
-        metadata = {key: _plain(f.contents()) for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+        metadata = {key: _field_value(f) for key, f in reader.fields.items() if not key.startswith("GGUF.")}
         raw = list(reader.tensors)
     except ModelLoadError:
         raise
@@ -123,8 +123,9 @@ def read_gguf(path: str | Path) -> GGUFContents:
             )
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
         try:
-            values = dequantize(tensor.data, tensor.tensor_type)
-            tensors[tensor.name] = np.asarray(values, dtype=np.float32).reshape(shape)
+            values = dequantize(np.asarray(tensor.data), tensor.tensor_type)  # plain ndarray: memmap slicing is slow
+            # np.require copies read-only memmap views (F32 tensors) so parameters never alias the file
+            tensors[tensor.name] = np.require(values, np.float32, ["C", "W"]).reshape(shape)
         except Exception as exc:
             raise ModelLoadError(f"tensor {tensor.name!r} is damaged: {_short(exc)}", where=str(path), fix=fix) from None
         tensor_types[tensor.name] = qtype
@@ -155,6 +156,18 @@ def gguf_state_dict(contents: GGUFContents, args) -> dict[str, torch.Tensor]:
             tensor = unpermute_qk(tensor, heads)
         state[hf_name] = tensor
     return state
+
+
+def _field_value(field) -> Any:
+    """A metadata field as plain Python; float32 values become the shortest decimal that round-trips
+    (1e-06, not 9.99999997e-07), so configs read from GGUF compare equal to the originals."""
+    import gguf
+
+    value = _plain(field.contents())
+    if field.types and field.types[-1] == gguf.GGUFValueType.FLOAT32:
+        as_short = lambda v: float(str(np.float32(v)))  # noqa: E731
+        value = [as_short(v) for v in value] if isinstance(value, list) else as_short(value)
+    return value
 
 
 def _plain(value: Any) -> Any:
