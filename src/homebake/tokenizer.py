@@ -36,8 +36,10 @@ _RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_\d+\|>")
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-_LLAMA3_SPLIT = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_QWEN2_SPLIT = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
 
 
 @dataclass(frozen=True)
@@ -246,8 +248,8 @@ class Tokenizer:
                                  fix="re-convert the model with llama.cpp's convert_hf_to_gguf.py")
         extra_ends = [i for i in (token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id"))
                       if i is not None]
-        bos = token_id("tokenizer.ggml.bos_token_id")
-        return cls(backend, eos_token_id=eos, bos_token_id=bos, unk_token_id=token_id("tokenizer.ggml.unknown_token_id"),
+        return cls(backend, eos_token_id=eos, bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
+                   unk_token_id=token_id("tokenizer.ggml.unknown_token_id"),
                    pad_token_id=token_id("tokenizer.ggml.padding_token_id"), extra_end_token_ids=extra_ends,
                    add_bos_token=bool(field("tokenizer.ggml.add_bos_token", pre.add_bos_default)),
                    chat_template=field("tokenizer.chat_template"),
@@ -341,13 +343,11 @@ class Tokenizer:
         if template is None:
             raise TemplateError("the model has no chat template", where=self.source,
                                 fix="use an instruct/chat model, or give the tokenizer a chat template")
-        special = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self._token(self.unk_token_id),
-                   "pad_token": self._token(self.pad_token_id)}
-        variables = {name: value for name, value in special.items() if value is not None}
+        variables = {"eos_token": self.eos_token, **({"bos_token": self.bos_token} if self.bos_token else {}), **extra}
         return render_template(template, messages=list(messages), add_generation_prompt=add_generation_prompt,
                                tools=list(tools) if tools is not None else None,
                                documents=list(documents) if documents is not None else None,
-                               source=source, **{**variables, **extra})
+                               source=source, **variables)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
                     **render_kwargs: Any) -> list[int]:
@@ -357,9 +357,6 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=not template_wrote_bos)
 
     # Helpers --------------------------------------------------------------------------------------------
-
-    def _token(self, index: int | None) -> str | None:
-        return self.id_to_token(index) if index is not None else None
 
     def _special_ids(self) -> dict[str, int]:
         return {token.content: index for index, token in self.backend.get_added_tokens_decoder().items()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tok_fixtures import REFERENCE_PRE_TOKENIZERS, write_family_folder, read_gguf_tokenizer_metadata, train_tiny_bpe
+from tok_fixtures import REFERENCE_PRE_TOKENIZERS, read_gguf_tokenizer_metadata, train_tiny_bpe, write_family_folder
 
 
 @pytest.fixture(scope="session")

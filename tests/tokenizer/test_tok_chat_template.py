@@ -27,8 +27,9 @@ CONVERSATION = [
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name, e.g. Zürich"},
-                                                    "unit": {"type": "string", "enum": ["C", "F"]}},
+    "parameters": {"type": "object",
+                   "properties": {"city": {"type": "string", "description": "City name, e.g. Zürich"},
+                                  "unit": {"type": "string", "enum": ["C", "F"]}},
                    "required": ["city"]}}}
 
 TOOL_CONVERSATION = [
@@ -130,8 +131,9 @@ def test_strftime_now_and_compile_cache():
 
 
 def test_tojson_keeps_unicode_and_html_characters():
-    rendered = render_template("{{ messages[0] | tojson }}", messages=[{"role": "user", "content": "<b>Zürich & 東京</b>"}])
-    assert rendered == json.dumps({"role": "user", "content": "<b>Zürich & 東京</b>"}, ensure_ascii=False)
+    message = {"role": "user", "content": "<b>Zürich & 東京</b>"}
+    rendered = render_template("{{ messages[0] | tojson }}", messages=[message])
+    assert rendered == json.dumps(message, ensure_ascii=False)
 
 
 def test_raise_exception_is_a_one_line_template_error_naming_the_source(pairs, family_dirs):

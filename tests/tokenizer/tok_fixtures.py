@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import models, pre_tokenizers, trainers
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "fixtures" / "templates"
 
@@ -122,11 +122,13 @@ def write_family_folder(folder: Path, state: dict, family: str) -> Path:
     added = FAMILY_TOKENS[family]
     template = {"chatml": "smollm2-chatml.jinja", "llama3": "llama3.1-instruct.jinja",
                 "qwen2": "qwen2.5-instruct.jinja", "mistral": "mistral-7b-instruct-v0.3.jinja"}[family]
-    config = {"chat_template": (TEMPLATES / template).read_text(encoding="utf-8"), "clean_up_tokenization_spaces": False,
-              "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"}
+    config = {"chat_template": (TEMPLATES / template).read_text(encoding="utf-8"),
+              "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
     post_bos, normalizer = None, None
     if family == "chatml":  # SmolLM2-Instruct's config
-        config.update(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+        config.update(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+                      unk_token="<|endoftext|>")
     elif family == "llama3":  # Llama 3.1 Instruct: BOS comes from the post-processor, eos list in generation_config
         config.update(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
         post_bos = "<|begin_of_text|>"
