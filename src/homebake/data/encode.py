@@ -82,13 +82,15 @@ class Encoder:
         for k in turns:
             # Where the reply starts: after the generation prompt; templates whose generation prompt
             # differs from how past replies are rendered fall back to the plain prefix.
-            starts = [text for text in (render(messages[:k], True), render(messages[:k], False))
-                      if full_text.startswith(text)]
+            start_text = render(messages[:k], True)
+            if not full_text.startswith(start_text):
+                start_text = render(messages[:k], False)
             end_text = full_text if k == len(messages) - 1 else render(messages[:k + 1], False)
-            if not starts or not full_text.startswith(end_text) or len(end_text) <= len(starts[0]):
+            if not (full_text.startswith(start_text) and full_text.startswith(end_text)) \
+                    or len(end_text) <= len(start_text):
                 encoded.unattributed_turns += 1  # the template renders this turn differently later on
                 continue
-            start = _common_prefix(self._tokens(starts[0]), ids)
+            start = _common_prefix(self._tokens(start_text), ids)
             end = len(ids) if end_text is full_text else _common_prefix(self._tokens(end_text), ids)
             end = self._through_end_token(ids, start, end)
             if end is None:  # no end-of-turn token in the final reply: the model must still learn to stop
