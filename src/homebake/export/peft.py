@@ -66,6 +66,9 @@ def save_peft_adapter(out_dir: str | Path, adapter_state: dict[str, torch.Tensor
                       base_model_name_or_path: str | None, *, overwrite: bool = False) -> Path:
     """Write ``out_dir`` as a PEFT LoRA/DoRA adapter, atomically; returns the folder."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError("the output folder already exists", where=str(out_dir),
+                          fix="choose another folder or pass overwrite")
     lora_config.validate()
     modules = split_adapter_state(adapter_state, where=str(out_dir))
     if not modules:
