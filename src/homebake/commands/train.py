@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-
 
 def register(subparsers) -> None:
     from ..train.config import add_train_flags
@@ -21,13 +19,7 @@ def run(args) -> int:
     from ..train.config import resolve_config
     from ..train.loop import train
 
-    config = resolve_config(args)
-    # `kill` (SIGTERM) behaves like Ctrl-C: save a checkpoint and exit cleanly.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        result = train(config)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    result = train(resolve_config(args))  # Ctrl-C / SIGTERM: checkpoint and a clean exit (see StopRequest)
     summary = f"homebake: {result.stopped} at step {result.step}"
     if result.last_loss is not None:
         summary += f", train loss {result.last_loss:.4f}"

@@ -16,7 +16,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,8 +30,8 @@ import torch
 
 from ..device import pick_device, supports_bf16
 from ..errors import ConfigError, HomebakeError
-from .checkpoint import (CHECKPOINTS, TrainerState, capture_rng, latest_checkpoint, load_checkpoint,
-                         load_trainer_state, prune_checkpoints, restore_rng, save_checkpoint)
+from .checkpoint import (CHECKPOINTS, TrainerState, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                         save_checkpoint)
 from .config import CONFIG_FILE, TrainConfig
 from .data_stream import BatchStream, evaluation_batches
 from .loss import chunked_cross_entropy, default_chunk_rows, shift_targets
@@ -277,6 +279,43 @@ def _log(message: str, bar) -> None:
         print(message, file=sys.stderr)
 
 
+class StopRequest:
+    """Ctrl-C / SIGTERM: the first one finishes the current step, saves a checkpoint and exits cleanly;
+    a second one aborts at once (the last checkpoint stands)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+        print(f"\nhomebake: {self.reason}: stopping after this step and saving a checkpoint "
+              "(press Ctrl-C again to quit without saving)", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _diverged(out: Path, step: int, loss: float, grad_norm: float) -> TrainingDiverged:
+    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+    good = latest_checkpoint(out)
+    return TrainingDiverged(
+        f"the {what} became {value} at step {step}; the last good checkpoint is "
+        f"{good if good else 'none (no checkpoint was written yet)'}", where=f"out {out}",
+        fix="lower --learning-rate (e.g. by 3-10x), keep --max-grad-norm on, try --precision fp32, "
+            "then --resume or start again")
+
+
 def train(config: TrainConfig) -> TrainResult:
     config.validate()
     out = Path(config.out)
@@ -291,16 +330,13 @@ def train(config: TrainConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     config.save(out)
 
-    pad_id = tokenizer.pad_token_id
     data = config.data
-    stream = BatchStream(train_examples, batch_size=config.batch_size, max_seq_len=data.max_seq_len,
-                         pad_token_id=pad_id, packing=data.packing, seed=data.seed)
-    eval_batches = evaluation_batches(val_examples, batch_size=config.batch_size, max_seq_len=data.max_seq_len,
-                                      pad_token_id=pad_id, packing=data.packing, limit=config.eval_batches)
-    if config.max_steps:
-        total_steps = config.max_steps
-    else:
-        total_steps = math.ceil(math.ceil(config.epochs * stream.batches_per_epoch) / config.grad_accum)
+    batching = dict(batch_size=config.batch_size, max_seq_len=data.max_seq_len,
+                    pad_token_id=tokenizer.pad_token_id, packing=data.packing)
+    stream = BatchStream(train_examples, seed=data.seed, **batching)
+    eval_batches = evaluation_batches(val_examples, limit=config.eval_batches, **batching)
+    micro_budget = math.ceil(config.epochs * stream.batches_per_epoch)  # used when max_steps is unset
+    total_steps = config.max_steps or math.ceil(micro_budget / config.grad_accum)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total_steps)
     schedule = LRSchedule(config.resolved_learning_rate(), total_steps, warmup, config.schedule,
                           config.min_lr_ratio)
@@ -310,121 +346,84 @@ def train(config: TrainConfig) -> TrainResult:
     if resume_from is not None:
         state = load_checkpoint(resume_from, setup.trainable, optimizer)
         stream.epoch, stream.index = state.epoch, state.batch_in_epoch
+        _log(f"homebake: resuming from {resume_from} (step {state.step})", None)
 
     _print_header(config, setup, device, compute_dtype, data_summary, stream, total_steps, runner, len(eval_batches))
-    save_extra = adapter_writer(config, setup)
+    adapter = adapter_writer(config, setup)
+    last_saved = state.step if resume_from is not None else -1
 
     def checkpoint_now() -> Path:
+        nonlocal last_saved
         state.epoch, state.batch_in_epoch = stream.epoch, stream.index
-        extra = (lambda folder: save_extra(folder / "adapter")) if save_extra is not None else None
+        extra = (lambda folder: adapter(folder / "adapter")) if adapter is not None else None
         path = save_checkpoint(out, state, setup.trainable, optimizer, extra_files=extra)
         prune_checkpoints(out, config.keep_last, state.best_step)
+        last_saved = state.step
         return path
 
     metrics = MetricsLog(out, resume_step=state.step if resume_from is not None else None)
     bar = _progress_bar(config, total_steps, state.step)
-    stopped = "completed"
-    last_loss = None
-    last_saved = state.step if resume_from is not None else -1
+    stopped, last_loss = "completed", None
     run_tokens, run_time = 0, 0.0
     params = list(setup.trainable.values())
-    try:
-        while state.step < total_steps:
-            rng_at_step_start = capture_rng()
-            stream_at_step_start = (stream.epoch, stream.index)
-            started = time.perf_counter()
-            lr = schedule.apply(optimizer, state.step)
-            micro = [stream.next() for _ in range(config.grad_accum)]
-            if not config.max_steps:  # an epoch limit may end inside the last accumulation window
-                budget = math.ceil(config.epochs * stream.batches_per_epoch)
-                micro = micro[:max(1, len(micro) - max(0, stream.consumed - budget))]
-            step_trained = sum(int((shift_targets(b.labels, b.position_ids) != -100).sum()) for b in micro)
-            step_real = sum(b.num_real_tokens for b in micro)
-            loss_total = torch.zeros((), dtype=torch.float32, device=device)
-            try:
-                for batch in micro:
-                    loss_sum, _ = runner.loss_sum(batch)
-                    if step_trained:
-                        (loss_sum / step_trained).backward()
-                    loss_total += loss_sum.detach()
-            except KeyboardInterrupt:
-                # Forget the half-done step so the checkpoint equals the state an uninterrupted run had.
+    with StopRequest() as stop_request:
+        try:
+            while state.step < total_steps:
+                started = time.perf_counter()
+                lr = schedule.apply(optimizer, state.step)
+                take = config.grad_accum
+                if not config.max_steps:  # an epoch limit may end inside the last accumulation window
+                    take = max(1, min(take, micro_budget - stream.consumed))
+                micro = [stream.next() for _ in range(take)]
+                loss_value, grad_value, step_trained = _accumulate(runner, micro, params, config.max_grad_norm)
+                if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+                    optimizer.zero_grad(set_to_none=True)
+                    metrics.write({"step": state.step + 1, "loss": loss_value, "grad_norm": grad_value, "lr": lr})
+                    raise _diverged(out, state.step + 1, loss_value, grad_value)
+                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                restore_rng(*rng_at_step_start)
-                stream.epoch, stream.index = stream_at_step_start
-                raise
-            if config.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm, foreach=True)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            loss_value = float(loss_total) / max(1, step_trained)
-            grad_value = float(grad_norm)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                optimizer.zero_grad(set_to_none=True)
-                metrics.write({"step": state.step + 1, "loss": loss_value, "grad_norm": grad_value, "lr": lr})
-                good = latest_checkpoint(out)
-                raise TrainingDiverged(
-                    f"the {'loss' if not math.isfinite(loss_value) else 'gradient norm'} became "
-                    f"{loss_value if not math.isfinite(loss_value) else grad_value} at step {state.step + 1}; "
-                    f"the last good checkpoint is {good if good else 'none (no checkpoint was written yet)'}",
-                    where=f"out {out}",
-                    fix="lower --learning-rate (e.g. by 3-10x), keep --max-grad-norm on, try --precision fp32, "
-                        "then --resume or start again")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - started
-            state.step += 1
-            state.tokens_seen += step_real
-            state.trained_tokens += step_trained
-            state.elapsed_s += elapsed
-            state.epoch, state.batch_in_epoch = stream.epoch, stream.index
-            run_tokens += step_real
-            run_time += elapsed
-            last_loss = loss_value
-            tokens_per_s = step_real / elapsed if elapsed > 0 else 0.0
-            if state.step % config.log_every == 0 or state.step == total_steps:
-                metrics.write({"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_value,
-                               "tokens_per_s": round(tokens_per_s, 1), "tokens": step_real,
-                               "trained_tokens": step_trained,
-                               "epoch": round(stream.consumed / max(1, stream.batches_per_epoch), 4),
-                               "elapsed_s": round(state.elapsed_s, 3), **memory_stats(device)})
+
+                elapsed = time.perf_counter() - started
+                step_real = sum(b.num_real_tokens for b in micro)
+                state.step += 1
+                state.tokens_seen += step_real
+                state.trained_tokens += step_trained
+                state.elapsed_s += elapsed
+                run_tokens, run_time, last_loss = run_tokens + step_real, run_time + elapsed, loss_value
+                tokens_per_s = step_real / elapsed if elapsed > 0 else 0.0
+                if state.step % config.log_every == 0 or state.step == total_steps:
+                    metrics.write({"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_value,
+                                   "tokens_per_s": round(tokens_per_s, 1), "tokens": step_real,
+                                   "trained_tokens": step_trained,
+                                   "epoch": round(stream.consumed / stream.batches_per_epoch, 4),
+                                   "elapsed_s": round(state.elapsed_s, 3), **memory_stats(device)})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+                    bar.update(1)
+
+                final = state.step >= total_steps
+                improved = False
+                if eval_batches and ((config.eval_every and state.step % config.eval_every == 0) or final):
+                    improved = _evaluate(runner, eval_batches, state, config, metrics, bar)
+                    plot_losses(out)
+                if final or improved or state.step % config.save_every == 0:
+                    checkpoint_now()
+                stopped = _stop_reason(config, state, stop_request, bar) or stopped
+                if stopped != "completed":
+                    break
+        except KeyboardInterrupt:  # a second Ctrl-C: quit now, keeping the last checkpoint
+            _log(f"homebake: aborted at step {state.step}; the last checkpoint is {latest_checkpoint(out)}", bar)
+            raise
+        finally:
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
+                bar.close()
+            metrics.close()
 
-            improved = False
-            final = state.step >= total_steps
-            if eval_batches and ((config.eval_every and state.step % config.eval_every == 0) or final):
-                improved = _evaluate(runner, eval_batches, state, config, metrics, bar)
-                plot_losses(out)
-            if final or state.step % config.save_every == 0 or improved:
-                checkpoint_now()
-                last_saved = state.step
-            if config.early_stopping_patience and state.evals_without_improvement >= config.early_stopping_patience:
-                stopped = "early_stopping"
-                _log(f"homebake: early stopping at step {state.step}: validation loss has not improved for "
-                     f"{state.evals_without_improvement} evaluations (best {state.best_val_loss:.4f} at step "
-                     f"{state.best_step})", bar)
-                break
-            if config.max_minutes and state.elapsed_s >= config.max_minutes * 60:
-                stopped = "time_limit"
-                _log(f"homebake: time limit of {config.max_minutes} min reached at step {state.step}", bar)
-                break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        if last_saved != state.step:
-            path = checkpoint_now()
-            _log(f"homebake: interrupted; saved {path} — continue with --resume", bar)
-        else:
-            _log(f"homebake: interrupted at step {state.step} (already checkpointed); continue with --resume", bar)
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-
+    if last_saved != state.step:
+        path = checkpoint_now()
+        if stopped == "interrupted":
+            _log(f"homebake: saved {path}; continue with --resume", None)
     if stopped != "interrupted":
-        if last_saved != state.step:
-            checkpoint_now()
         if stopped == "early_stopping" and state.best_step is not None and state.best_step != state.step:
             best = out / CHECKPOINTS / f"step-{state.best_step:08d}"
             load_checkpoint(best, setup.trainable, optimizer, restore_random=False)
@@ -434,6 +433,40 @@ def train(config: TrainConfig) -> TrainResult:
     plot_losses(out)
     return TrainResult(out, state.step, stopped, last_loss, state.val_loss, state.best_val_loss, state.best_step,
                        run_tokens / run_time if run_time else 0.0, peak_rss_bytes() / GIB)
+
+
+def _accumulate(runner: StepRunner, micro: list, params: list, max_grad_norm: float) -> tuple[float, float, int]:
+    """Forward/backward over the micro-batches of one optimizer step; returns (loss, grad norm, trained tokens).
+
+    Each micro-batch's summed loss is divided by the trained tokens of the *whole step*, so the
+    accumulated gradient is that of the mean over every trained token (2 x 4 rows == 1 x 8 rows).
+    """
+    step_trained = sum(int((shift_targets(b.labels, b.position_ids) != -100).sum()) for b in micro)
+    loss_total = 0.0
+    for batch in micro:
+        loss_sum, _ = runner.loss_sum(batch)
+        if step_trained:
+            (loss_sum / step_trained).backward()
+        loss_total = loss_total + loss_sum.detach()
+    if max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return float(loss_total) / max(1, step_trained), float(grad_norm), step_trained
+
+
+def _stop_reason(config: TrainConfig, state: TrainerState, stop_request: StopRequest, bar) -> str | None:
+    if stop_request.reason is not None:
+        return "interrupted"
+    if config.early_stopping_patience and state.evals_without_improvement >= config.early_stopping_patience:
+        _log(f"homebake: early stopping at step {state.step}: validation loss has not improved for "
+             f"{state.evals_without_improvement} evaluations (best {state.best_val_loss:.4f} at step "
+             f"{state.best_step})", bar)
+        return "early_stopping"
+    if config.max_minutes and state.elapsed_s >= config.max_minutes * 60:
+        _log(f"homebake: time limit of {config.max_minutes} min reached at step {state.step}", bar)
+        return "time_limit"
+    return None
 
 
 def _evaluate(runner: StepRunner, batches, state: TrainerState, config: TrainConfig, metrics, bar) -> bool:
