@@ -113,14 +113,15 @@ def _check_adapter_fits(path: Path, adapter_state: dict, loaded, base: str | Non
     base_state = loaded.model.state_dict()
     where = f"{path / 'adapter_model.safetensors'}"
     fix = "pass the base model the adapter was trained on with --model"
+    a = loaded.args
+    described = (f"the base model ({base or 'default'}: {a.model_type}, {a.num_hidden_layers} layers, "
+                 f"hidden {a.hidden_size})")
     for module, parts in split_adapter_state(adapter_state, where=where).items():
         key = f"{module}.weight"
         if key not in base_state:
-            layers = loaded.args.num_hidden_layers
-            raise ExportError(f"the adapter targets {module}, which the base model ({base or 'default'}, "
-                              f"{loaded.args.model_type}, {layers} layers) does not have", where=where, fix=fix)
+            raise ExportError(f"the adapter targets {module}, which {described} does not have", where=where, fix=fix)
         expected = tuple(base_state[key].shape)
         got = (parts["B"].shape[0], parts["A"].shape[1])
         if expected != got:
-            raise ExportError(f"{module}: the adapter is for a {got[0]}x{got[1]} weight, the base model's is "
+            raise ExportError(f"{module}: the adapter is for a {got[0]}x{got[1]} weight, {described} has "
                               f"{expected[0]}x{expected[1]}", where=where, fix=fix)
