@@ -454,8 +454,10 @@ def _read_hub(dataset_id: str, split: str) -> Iterator[Item]:
         rows = datasets.load_dataset(dataset_id, split=split)
     except Exception as error:  # the library raises many kinds; all mean "could not get this dataset"
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DataError(f"could not load hub dataset: {first}", where=f"{dataset_id}[{split}]",
-                        fix="check the id and split, and that it is cached or the hub is reachable") from None
+        raise DataError(f"not a local file or folder, and not loadable as a hub dataset: {first}",
+                        where=f"{dataset_id}[{split}]",
+                        fix="check the path, or the hub id and split (and that it is cached or the hub is reachable)"
+                        ) from None
     for number, row in enumerate(rows, start=1):
         yield f"{dataset_id}[{split}]:row {number}", row
 
