@@ -291,3 +291,18 @@ def test_parser_returns_a_conversation_or_a_homebake_error(value, fmt):
         assert isinstance(result, Conversation)
         assert result.is_text or any(m["role"] == "assistant" for m in result.messages)
         result.key()  # serialisable for deduplication
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=200) | st.text(max_size=200).map(str.encode),
+       suffix=st.sampled_from([".jsonl", ".json", ".csv"]))
+def test_reading_arbitrary_bytes_reports_or_skips(tmp_path_factory, data, suffix):
+    path = tmp_path_factory.mktemp("bytes") / f"d{suffix}"
+    path.write_bytes(data)
+    try:
+        result, log = load(path)
+    except HomebakeError as error:
+        assert "\n" not in str(error)
+    else:
+        assert all(isinstance(c, Conversation) for c in result.conversations)
+        assert all(item.source.startswith(str(path)) for item in log.items)

@@ -396,6 +396,7 @@ def _read_json(path: Path) -> Iterator[Item]:
 def _read_csv(path: Path) -> Iterator[Item]:
     # surrogateescape keeps undecodable bytes visible per row, so one bad row does not sink the file.
     text = path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 28))  # whole conversations can sit in one cell
     try:
         reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
