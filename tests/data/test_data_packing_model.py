@@ -19,6 +19,15 @@ from homebake.train.loss import chunked_cross_entropy, shift_targets
 TOLERANCE = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine they only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def encoded_examples(tmp_path_factory):
     """Real encoded conversations of different lengths and turn counts (SmolLM2 template)."""
