@@ -16,9 +16,11 @@ from .errors import HomebakeError
 # One module per command (or command group); order is the order shown in --help.
 COMMAND_MODULES = [
     "homebake.commands.setup",
+    "homebake.commands.demo",
     "homebake.commands.generate",
     "homebake.commands.data",
     "homebake.commands.train",
+    "homebake.commands.evaluate",
     "homebake.commands.export",
     "homebake.commands.merge",
 ]

@@ -13,8 +13,21 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "aut
                         help="auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16")
 
 
+def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", "-a", default=None,
+                        help="fine-tuned adapter to apply: a training run folder (--out of homebake train) or a "
+                             "PEFT adapter folder (merged into the base weights; base: --model, else the "
+                             "adapter's recorded base)")
+
+
 def load_for_inference(args):
-    """Load the model named by --model onto --device in --dtype, ready for generation."""
+    """Load the model named by --model (with --adapter merged in, if given) onto --device in --dtype."""
+    if getattr(args, "adapter", None):
+        from ..evaluate import open_model
+
+        subject = open_model(args.model, args.adapter, device=args.device, dtype=args.dtype)
+        subject.use_tuned()
+        return subject.loaded
     from ..device import pick_device, pick_dtype
     from ..model.load import load_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_model_args, load_for_inference
+from .common import add_adapter_arg, add_model_args, load_for_inference
 
 
 def _add_sampling_args(parser) -> None:
@@ -21,6 +21,7 @@ def register(subparsers) -> None:
                                 description="Generate text for one prompt, streamed to stdout. "
                                             "Example: homebake generate --prompt 'What is the capital of France?'")
     add_model_args(gen)
+    add_adapter_arg(gen)
     gen.add_argument("--prompt", "-p", required=True, help="the user message (or raw text with --raw)")
     gen.add_argument("--raw", action="store_true", help="continue the text as-is, without the chat template")
     _add_sampling_args(gen)
@@ -30,6 +31,7 @@ def register(subparsers) -> None:
                                  description="Interactive chat using the model's own chat template. "
                                              "Type /reset to start over, /exit or Ctrl-D to quit.")
     add_model_args(chat)
+    add_adapter_arg(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=run_chat)
 

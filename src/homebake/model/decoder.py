@@ -118,14 +118,17 @@ class DecoderModel(nn.Module):
 
 
 def attention_mask(
-    position_ids: torch.Tensor | None, start: int, length: int, window: int | None, packed: bool, device
+    position_ids: torch.Tensor | None, start: int, length: int, window: int | None, packed: bool, device,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (B|1, 1, T, start+T), True = may attend; None when plain causal attention suffices.
 
     Queries are tokens start..start+T-1, keys 0..start+T-1. Packed rows restrict attention to the
-    query's own example (a new example starts wherever position_ids is 0).
+    query's own example (a new example starts wherever position_ids is 0). ``key_mask`` (B, start+T),
+    False at padding, hides left-padded keys in batched generation; a padding query sees only itself,
+    so its (unused) output stays finite.
     """
-    if start == 0 and window is None and not packed:
+    if start == 0 and window is None and not packed and key_mask is None:
         return None
     q_idx = torch.arange(start, start + length, device=device)[:, None]
     k_idx = torch.arange(start + length, device=device)[None, :]
@@ -136,6 +139,8 @@ def attention_mask(
     if packed:
         segment = torch.cumsum((position_ids == 0).int(), dim=1)  # (B, T); only used without a cache
         mask = mask & (segment[:, None, :, None] == segment[:, None, None, :])
+    if key_mask is not None:
+        mask = (mask & key_mask[:, None, None, :]) | (q_idx == k_idx)[None, None]
     return mask
 
 
@@ -170,7 +175,8 @@ class CausalLM(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, length = input_ids.shape
         device = input_ids.device
@@ -187,7 +193,7 @@ class CausalLM(nn.Module):
         if self._inv_freq.device != device:
             self._inv_freq = self._inv_freq.to(device)
         cos, sin = rope_cos_sin(self._inv_freq, position_ids, self._rope_scaling, h.dtype)
-        masks = {w: attention_mask(position_ids, start, length, w, packed, device) for w in self._windows}
+        masks = {w: attention_mask(position_ids, start, length, w, packed, device, key_mask) for w in self._windows}
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             mask = masks[layer.self_attn.window]

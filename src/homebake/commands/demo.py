@@ -1,0 +1,39 @@
+"""`homebake demo`: fine-tune, compare base vs fine-tuned on held-out data, export GGUF, write the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    from ..demo import DATA_DIR, DemoSettings
+
+    defaults = DemoSettings()
+    parser = subparsers.add_parser(
+        "demo", help="the whole story in minutes: fine-tune, measure before/after, export GGUF, report",
+        description="Fine-tune the default model (LoRA) on the bundled extraction dataset (free-text orders -> "
+                    "one strict line of JSON), compare base and fine-tuned on the held-out split, export a GGUF, "
+                    "write report.html and print the verdict and where everything is.")
+    parser.add_argument("--out", "-o", type=Path, default=defaults.out, help="folder for the run and its outputs")
+    parser.add_argument("--overwrite", action="store_true", help="run again in an existing --out folder")
+    parser.add_argument("--model", "-m", default=None, help="model to fine-tune (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR,
+                        help="folder with train.jsonl, valid.jsonl and test.jsonl (default: examples/extract)")
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="peak learning rate")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="packed rows per step")
+    parser.add_argument("--test-examples", type=int, default=None, help="use only the first N held-out examples")
+    parser.add_argument("--quant", default=defaults.quant, help="GGUF type of the export (e.g. Q8_0, Q4_K_M, F16)")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no training progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..demo import DemoSettings, main_lines
+
+    settings = DemoSettings(model=args.model, data_dir=args.data_dir, out=args.out, max_steps=args.max_steps,
+                            learning_rate=args.learning_rate, batch_size=args.batch_size,
+                            test_examples=args.test_examples, quant=args.quant, device=args.device,
+                            overwrite=args.overwrite, progress=args.progress)
+    return main_lines(settings)

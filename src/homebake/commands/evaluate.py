@@ -1,0 +1,210 @@
+"""`homebake eval` (one model, optionally with an adapter) and `homebake compare` (base vs fine-tuned)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import add_model_args
+
+METRIC_LINES = (  # (label, key in the result dict or its "task" dict, format)
+    ("validation loss", "loss", "num"),
+    ("perplexity", "perplexity", "num"),
+    ("exact match", "exact_match", "pct"),
+    ("normalised match", "normalized_match", "pct"),
+    ("valid JSON", "valid_json", "pct"),
+    ("per-field match", "field_accuracy", "pct"),
+)
+
+
+def _add_eval_args(parser, *, adapter_required: bool) -> None:
+    add_model_args(parser)
+    parser.add_argument("--adapter", "-a", required=adapter_required, default=None,
+                        help="fine-tuned adapter: a training run folder (--out of homebake train) or a PEFT "
+                             "adapter folder; its base is --model, else the adapter's recorded base")
+    parser.add_argument("--data", "-d", required=True,
+                        help="evaluation data (JSONL/JSON/CSV/Parquet, any format homebake train reads); chat "
+                             "examples ending in an assistant turn are answered and scored against it")
+    parser.add_argument("--format", default="auto", help="data format (as in homebake train); auto detects it")
+    parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
+    parser.add_argument("--generate", type=int, default=None,
+                        help="greedy answers for the first N examples with a reference (default: all; 0: loss only)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="answer length limit (default: the longest reference + 16 tokens)")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="longest example scored for the loss")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts answered together (and loss rows)")
+    parser.add_argument("--samples", type=int, default=3, help="generations to print (all are in the JSON)")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of a table")
+
+
+def register(subparsers) -> None:
+    evaluate = subparsers.add_parser(
+        "eval", help="loss, perplexity and task metrics of a model (optionally with an adapter) on a dataset",
+        description="Validation loss and perplexity over the trained positions; for examples with a reference "
+                    "answer, greedy answers scored by exact, normalised and per-field JSON match. Example: "
+                    "homebake eval --adapter runs/extract --data examples/extract/test.jsonl")
+    _add_eval_args(evaluate, adapter_required=False)
+    evaluate.add_argument("--out", "-o", default=None, help="folder to write eval.json into")
+    evaluate.set_defaults(func=run_eval)
+
+    compare = subparsers.add_parser(
+        "compare", help="evaluate base and fine-tuned side by side, with a verdict",
+        description="The same evaluation for the base model and the fine-tuned one in one run, side by side, "
+                    "with a verdict (improved / no change / worse) and the numbers behind it. Writes "
+                    "compare.json and report.html into --out (default: the adapter's training run folder).")
+    _add_eval_args(compare, adapter_required=True)
+    compare.add_argument("--out", "-o", default=None,
+                         help="folder for compare.json and report.html (default: the training run folder "
+                              "given as --adapter; nothing is written for a bare adapter without --out)")
+    compare.set_defaults(func=run_compare)
+
+
+def _options(args):
+    from ..evaluate import EvalOptions
+
+    options = EvalOptions(max_examples=args.max_examples, generate=args.generate, max_new_tokens=args.max_new_tokens,
+                          max_seq_len=args.max_seq_len, batch_size=args.batch_size, generation_batch=args.batch_size)
+    options.validate()
+    return options
+
+
+def _progress(label: str):
+    def say(message: str) -> None:
+        print(f"homebake: {label}: {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _value(result: dict, key: str):
+    return result.get(key) if key in result else (result.get("task") or {}).get(key)
+
+
+def _format(value, kind: str) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:.1f}%" if kind == "pct" else f"{value:.4f}"
+
+
+def _change(before, after, kind: str) -> str:
+    if before is None or after is None:
+        return ""
+    return f"{100 * (after - before):+.1f} pts" if kind == "pct" else f"{after - before:+.4f}"
+
+
+def metrics_table(columns: list[tuple[str, dict]]) -> str:
+    """Rows of metrics, one column per result (a change column when there are two)."""
+    header = ["metric"] + [name for name, _ in columns] + (["change"] if len(columns) == 2 else [])
+    rows = [header]
+    for label, key, kind in METRIC_LINES:
+        values = [_value(result, key) for _, result in columns]
+        if all(v is None for v in values):
+            continue
+        row = [label] + [_format(v, kind) for v in values]
+        if len(columns) == 2:
+            row.append(_change(values[0], values[1], kind))
+        rows.append(row)
+    fields = {}
+    for _, result in columns:
+        fields.update(dict.fromkeys(((result.get("task") or {}).get("per_field") or {})))
+    for name in fields:
+        values = [((result.get("task") or {}).get("per_field") or {}).get(name) for _, result in columns]
+        row = [f"  field {name}"] + [_format(v, "pct") for v in values]
+        if len(columns) == 2:
+            row.append(_change(values[0], values[1], "pct"))
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+             for row in rows]
+    return "\n".join(lines)
+
+
+def samples_text(samples_by_name: list[tuple[str, list[dict]]], limit: int) -> str:
+    lines = []
+    first = samples_by_name[0][1]
+    for index in range(min(limit, len(first))):
+        sample = first[index]
+        lines.append(f"[{sample['source']}] {sample['prompt']}")
+        lines.append(f"  reference:  {sample['reference']}")
+        for name, samples in samples_by_name:
+            mark = "✓" if samples[index]["exact"] else "✗"
+            lines.append(f"  {name + ':':<11} {mark} {samples[index]['output']}")
+    return "\n".join(lines)
+
+
+def _data_note(result: dict, data: str) -> str:
+    generated = (result.get("task") or {}).get("count", 0)
+    text = f"{data}: {result['examples']} examples, {result['trained_tokens']:,} trained tokens"
+    if generated:
+        text += f", {generated} answered"
+        if result.get("generation_tokens_per_s"):
+            text += f" ({result['generation_tokens_per_s']:.0f} tokens/s)"
+    if result.get("skipped"):
+        text += f", {result['skipped']} skipped (see homebake data check)"
+    return text
+
+
+def run_eval(args) -> int:
+    from ..evaluate import evaluate_model, load_eval_data, open_model, write_json
+
+    options = _options(args)
+    subject = open_model(args.model, args.adapter, device=args.device, dtype=args.dtype)
+    subject.use_tuned()
+    loaded = subject.loaded
+    data = load_eval_data(args.data, loaded.tokenizer, options, data_format=args.format)
+    result = evaluate_model(loaded.model, loaded.tokenizer, data, options, progress=_progress("eval")).to_dict()
+    record = {"model": args.model or "smollm2-135m-instruct", "adapter": args.adapter, "data": args.data, **result}
+    if args.out:
+        path = write_json(Path(args.out) / "eval.json", record)
+        print(f"homebake: wrote {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(record, indent=1, ensure_ascii=False))
+        return 0
+    print(f"{subject.description}\n{_data_note(result, args.data)}\n")
+    print(metrics_table([("value", result)]))
+    if result["samples"] and args.samples:
+        print()
+        print(samples_text([("output", result["samples"])], args.samples))
+    return 0
+
+
+def default_compare_out(adapter: str) -> Path | None:
+    """A training run folder (it has config.yaml) gets compare.json and the report; a bare adapter does not."""
+    folder = Path(adapter)
+    return folder if (folder / "config.yaml").is_file() else None
+
+
+def run_compare(args) -> int:
+    from ..evaluate import comparison_record, run_comparison, write_json
+    from ..report import COMPARE_FILE, write_report
+
+    options = _options(args)
+    base, tuned, description = run_comparison(args.model, args.adapter, args.data, options, device=args.device,
+                                              dtype=args.dtype, data_format=args.format, progress=_progress)
+    record = comparison_record(args.model, args.adapter, args.data, base, tuned)
+    out = Path(args.out) if args.out else default_compare_out(args.adapter)
+    if out is not None:
+        write_json(out / COMPARE_FILE, record)
+        report = write_report(out, comparison=record)
+        print(f"homebake: wrote {out / COMPARE_FILE} and {report}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(record, indent=1, ensure_ascii=False))
+        return 0
+    print(f"{description}\n{_data_note(record['tuned'], args.data)}\n")
+    print(metrics_table([("base", record["base"]), ("fine-tuned", record["tuned"])]))
+    if record["tuned"]["samples"] and args.samples:
+        print()
+        print(samples_text([("base", record["base"]["samples"]), ("fine-tuned", record["tuned"]["samples"])],
+                           args.samples))
+    print()
+    print(verdict_line(record))
+    return 0
+
+
+def verdict_line(record: dict) -> str:
+    verdict = record["verdict"]
+    line = f"verdict: {verdict['label'].upper()} — {verdict['reason']}"
+    by_loss = record.get("loss_verdict")
+    if by_loss and by_loss is not verdict and by_loss.get("metric") != verdict.get("metric"):
+        line += f"\n         ({by_loss['reason']})"
+    return line
