@@ -37,7 +37,7 @@ class DemoSettings:
     learning_rate: float = 1e-3
     lora_r: int = 16
     lora_alpha: float = 32
-    max_seq_len: int = 512
+    max_seq_len: int = 256
     eval_every: int = 20
     test_examples: int | None = None  # None: all of test.jsonl
     quant: str = "Q8_0"

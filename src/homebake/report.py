@@ -366,8 +366,12 @@ def render_report(*, title: str, config_text: str | None, records: list[dict], c
 
 
 def load_comparison(run_dir: Path) -> dict | None:
+    """compare.json of the run, unless training wrote metrics after it (a re-run or resume: it is stale)."""
     path = run_dir / COMPARE_FILE
     if not path.is_file():
+        return None
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_mtime > path.stat().st_mtime:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -105,6 +105,16 @@ def test_report_is_self_contained_and_has_every_section(tmp_path):
     assert not list(run.glob(".report.html.*"))  # written atomically, no temporary left behind
 
 
+def test_a_comparison_older_than_the_training_log_is_not_shown(tmp_path):
+    import os
+
+    run = make_run(tmp_path)
+    stamp = (run / "compare.json").stat().st_mtime
+    os.utime(run / "metrics.jsonl", (stamp + 10, stamp + 10))  # training ran again after the comparison
+    page = write_report(run).read_text()
+    assert "No before/after comparison yet" in page and "Verdict: improved" not in page
+
+
 def test_report_without_comparison_says_how_to_get_one(tmp_path):
     run = make_run(tmp_path, with_comparison=False)
     page = write_report(run).read_text()

@@ -20,6 +20,9 @@ def run(args) -> int:
     from ..train.loop import train
 
     result = train(resolve_config(args))  # Ctrl-C / SIGTERM: checkpoint and a clean exit (see StopRequest)
+    from ..report import write_report
+
+    write_report(result.out_dir)  # report.html: config, loss curves, throughput, memory (compare adds before/after)
     summary = f"homebake: {result.stopped} at step {result.step}"
     if result.last_loss is not None:
         summary += f", train loss {result.last_loss:.4f}"
