@@ -97,19 +97,11 @@ class GGUFContents:
 
 def read_gguf(path: str | Path) -> GGUFContents:
     """Read metadata (as plain Python values) and all tensors, dequantised to float32."""
-    import gguf
     from gguf.quants import dequantize
 
     path = Path(path)
-    fix = "the file is truncated or not a GGUF; download or export it again"
-    try:
-        reader = gguf.GGUFReader(path)
-        metadata = {key: _field_value(f) for key, f in reader.fields.items() if not key.startswith("GGUF.")}
-        raw = list(reader.tensors)
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # the reader raises ValueError/struct/IndexError/... on damaged files
-        raise ModelLoadError(f"cannot read GGUF: {_short(exc)}", where=str(path), fix=fix) from None
+    reader, metadata = _open(path)
+    raw = list(reader.tensors)
 
     tensors: dict[str, np.ndarray] = {}
     tensor_types: dict[str, str] = {}
@@ -123,13 +115,34 @@ def read_gguf(path: str | Path) -> GGUFContents:
             )
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
         try:
-            values = dequantize(np.asarray(tensor.data), tensor.tensor_type)  # plain ndarray: memmap slicing is slow
+            # a plain ndarray view: gguf slices memmaps row group by row group, which is slow
+            values = dequantize(np.asarray(tensor.data), tensor.tensor_type)
             # np.require copies read-only memmap views (F32 tensors) so parameters never alias the file
             tensors[tensor.name] = np.require(values, np.float32, ["C", "W"]).reshape(shape)
         except Exception as exc:
-            raise ModelLoadError(f"tensor {tensor.name!r} is damaged: {_short(exc)}", where=str(path), fix=fix) from None
+            raise ModelLoadError(f"tensor {tensor.name!r} is damaged: {_short(exc)}", where=str(path),
+                                 fix=_DAMAGED_FIX) from None
         tensor_types[tensor.name] = qtype
     return GGUFContents(path=path, metadata=metadata, tensors=tensors, tensor_types=tensor_types)
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """Only the metadata (plain Python values); tensors are not read."""
+    return _open(Path(path))[1]
+
+
+_DAMAGED_FIX = "the file is truncated or not a GGUF; download or export it again"
+
+
+def _open(path: Path):
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        metadata = {key: _field_value(f) for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+    except Exception as exc:  # the reader raises ValueError/struct.error/IndexError/... on damaged files
+        raise ModelLoadError(f"cannot read GGUF: {_short(exc)}", where=str(path), fix=_DAMAGED_FIX) from None
+    return reader, metadata
 
 
 def gguf_state_dict(contents: GGUFContents, args) -> dict[str, torch.Tensor]:

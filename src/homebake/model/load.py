@@ -205,7 +205,7 @@ def load_model(
         from ..tokenizer import Tokenizer  # imported lazily: the model layer works without it
 
         if kind == "gguf":
-            tokenizer = Tokenizer.from_gguf_metadata(checkpoint.gguf_metadata)
+            tokenizer = Tokenizer.from_gguf_metadata(checkpoint.gguf_metadata, source=path)
         else:
             tokenizer = Tokenizer.from_hf_dir(path)
     return LoadedModel(model=model, args=checkpoint.args, tokenizer=tokenizer, source_path=path, source_kind=kind)
@@ -218,16 +218,10 @@ def load_tokenizer(source: str | os.PathLike | None = None):
     path, kind = resolve_source(source)
     if kind == "hf":
         return Tokenizer.from_hf_dir(path)
-    import gguf
+    from .gguf_file import read_gguf_metadata
 
-    from .gguf_file import _plain
-
-    try:  # the reader maps the file and parses headers only; tensors are never dequantised here
-        reader = gguf.GGUFReader(path)
-        metadata = {key: _plain(f.contents()) for key, f in reader.fields.items() if key.startswith("tokenizer.")}
-    except Exception as exc:  # damaged files raise ValueError/struct.error/IndexError/...
-        raise ModelLoadError(f"cannot read GGUF: {type(exc).__name__}: {exc}", where=str(path),
-                             fix="the file is truncated or not a GGUF; download or export it again") from None
+    # headers only: tensors are never dequantised here
+    metadata = {k: v for k, v in read_gguf_metadata(path).items() if k.startswith("tokenizer.")}
     return Tokenizer.from_gguf_metadata(metadata, source=path)
 
 
