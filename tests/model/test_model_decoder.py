@@ -118,3 +118,34 @@ def test_bf16_weights_run_in_bf16_and_stay_close(tiny_dir, token_ids):
         diff = (bf16.logits(hidden).float() - fp32.logits(fp32(token_ids))).abs().max().item()
     assert diff < 0.25  # bf16 has ~3 significant digits; logits are O(4)
     assert bf16._inv_freq.dtype == torch.float32  # RoPE frequencies are never rounded to bf16
+
+
+def test_key_mask_left_padding_equals_the_unpadded_rows(tiny_dir):
+    """Batched generation with left padding: padded keys are hidden, positions come from position_ids."""
+    model = ours(tiny_dir, "qwen2")
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 320, (n,), generator=generator) for n in (6, 3)]
+    width, steps = 6, 3
+    ids = torch.zeros(2, width, dtype=torch.long)
+    keys = torch.zeros(2, width, dtype=torch.bool)
+    positions = torch.zeros(2, width, dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        ids[r, width - len(prompt):] = prompt
+        keys[r, width - len(prompt):] = True
+        positions[r, width - len(prompt):] = torch.arange(len(prompt))
+    with torch.no_grad():
+        cache = model.new_kv_cache(2, width + steps)
+        last = model.logits(model(ids, position_ids=positions, kv_cache=cache, key_mask=keys)[:, -1])
+        batched = [last]
+        for _ in range(steps - 1):
+            token = last.argmax(-1, keepdim=True)
+            keys = torch.cat([keys, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+            positions = positions[:, -1:] + 1
+            last = model.logits(model(token, position_ids=positions, kv_cache=cache, key_mask=keys)[:, -1])
+            batched.append(last)
+        for r, prompt in enumerate(prompts):  # each row alone, no padding
+            alone_cache = model.new_kv_cache(1, len(prompt) + steps)
+            last = model.logits(model(prompt[None], kv_cache=alone_cache)[:, -1])
+            for step in range(steps):
+                torch.testing.assert_close(batched[step][r], last[0], rtol=0, atol=1e-5)
+                last = model.logits(model(last.argmax(-1, keepdim=True), kv_cache=alone_cache)[:, -1])
