@@ -239,3 +239,23 @@ def test_homebake_decoder_injection(input_ids):
     plain = decoder.CausalLM(ModelArgs.from_hf_config(tiny_hf_config("llama"))).eval()
     plain.load_state_dict({k: v for k, v in merged.items() if ".lora_" not in k})
     torch.testing.assert_close(plain.logits(plain(input_ids)), model.logits(hidden), rtol=1e-4, atol=1e-4)
+
+
+def test_dora_in_bf16_keeps_small_magnitude_updates():
+    torch.manual_seed(0)
+    module = LoraLinear(torch.nn.Linear(64, 48, dtype=torch.bfloat16),
+                        LoraConfig(r=4, alpha=8, dropout=0, use_dora=True))
+    torch.nn.init.normal_(module.lora_B.weight, std=0.1)
+    x = torch.randn(64, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = module(x)
+        module.lora_magnitude.mul_(1.001)  # below bf16's resolution of 2^-8: lost if the scale were bf16
+        y_scaled = module(x)
+    assert y.dtype == torch.bfloat16
+    # Per output row (averaged over tokens, so bf16 output rounding averages out) the change is 0.1%;
+    # a bf16 scale gives 0% for some rows and 0.4-0.9% for others.
+    y, y_scaled = y.float(), y_scaled.float()
+    relative_change = ((y_scaled - y) * y).sum(dim=0) / y.square().sum(dim=0)  # least squares per row
+    assert ((relative_change > 0.0002) & (relative_change < 0.0025)).all(), relative_change
+    module(x).float().sum().backward()
+    assert module.lora_magnitude.grad.dtype == torch.float32 and module.lora_magnitude.grad.abs().sum() > 0

@@ -33,8 +33,8 @@ ADAPTER_SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude"
 _DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 
-def _row_norm(weight: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(weight, dim=1)
+def _row_norm(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.linalg.vector_norm(weight, dim=1, dtype=dtype)
 
 
 class LoraLinear(nn.Module):
@@ -112,15 +112,19 @@ class LoraLinear(nn.Module):
         weight = self.frozen_weight(x.dtype)
         with torch.no_grad():  # the row norm is a constant for the gradient (DoRA section 4.3)
             lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(x.dtype)
-            norm = _row_norm(weight + self.scaling * lora_weight)
-        mag_scale = self.lora_magnitude.to(x.dtype) / norm
+            norm = _row_norm(weight + self.scaling * lora_weight, dtype=torch.float32)
+        # fp32 scale (as PEFT's fp32 adapter path): in bf16 it would move in steps of 0.4%, hiding small updates.
+        mag_scale = self.lora_magnitude.float() / norm
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             # With dropout the direction term sees dropout(x) while the base output sees x (as PEFT).
             dropped = self.lora_dropout(x)
-            return (self._base(x, weight, self.bias) + (mag_scale - 1) * self._base(dropped, weight, None)
-                    + mag_scale * self._adapter(dropped) * self.scaling)
+            out = (self._base(x, weight, self.bias) + (mag_scale - 1) * self._base(dropped, weight, None)
+                   + mag_scale * self._adapter(dropped) * self.scaling)
+            return out.to(x.dtype)
         out = mag_scale * (self._base(x, weight, None) + self._adapter(x) * self.scaling)
-        return out if self.bias is None else out + self.bias.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.lora_magnitude is not None else "LoRA"
