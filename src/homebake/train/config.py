@@ -61,7 +61,8 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0 disables)"))
 
     precision: str = field(default="auto", metadata=_help(
-        "auto (bf16 where the device supports it), bf16 (frozen weights and activations in bf16, "
+        "auto (bf16 where the device computes it natively: GPUs, CPUs with AVX512-BF16/AMX; else fp32), "
+        "bf16 (frozen weights and activations in bf16, "
         "trainable weights and optimizer in fp32) or fp32"))
     device: str = field(default="auto", metadata=_help("auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"))
     gradient_checkpointing: bool = field(default=False, metadata=_help(

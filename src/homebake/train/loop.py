@@ -87,12 +87,30 @@ def prepare_out_dir(config: TrainConfig) -> Path | None:
     return None
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are fast here: GPUs with bf16, CPUs with AVX512-BF16 or AMX.
+
+    On other CPUs (e.g. AVX2-only) torch emulates bf16 matmuls at a fraction of fp32 speed.
+    """
+    if not supports_bf16(device):
+        return False
+    if device.type != "cpu":
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def compute_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
     if config.precision == "fp32":
         return torch.float32
-    if config.precision == "bf16" and not supports_bf16(device):
-        raise ConfigError(f"{device.type} does not support bf16", where="precision", fix="use --precision fp32")
-    return torch.bfloat16 if supports_bf16(device) else torch.float32
+    if config.precision == "bf16":
+        if not supports_bf16(device):
+            raise ConfigError(f"{device.type} does not support bf16", where="precision", fix="use --precision fp32")
+        if not fast_bf16(device):
+            print("homebake: warning: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 will be much slower "
+                  "than --precision fp32", file=sys.stderr)
+        return torch.bfloat16
+    return torch.bfloat16 if fast_bf16(device) else torch.float32
 
 
 def seed_everything(seed: int) -> None:
