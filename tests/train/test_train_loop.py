@@ -162,3 +162,24 @@ def test_early_stopping_bookkeeping(tiny_model_dir, tiny_data, tmp_path):
     assert improved == [True, True, False, False, True]
     assert (state.best_step, state.best_val_loss, state.evals_without_improvement) == (5, 2.0, 0)
     assert math.isclose(state.val_loss, 2.0)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tiny_model_dir, tiny_data, tmp_path):
+    common = dict(max_steps=3, data={"validation_fraction": 0.0})  # dropout on: checkpointing replays its RNG
+    loop.train(tiny_config(tiny_model_dir, tiny_data, tmp_path / "plain", **common))
+    loop.train(tiny_config(tiny_model_dir, tiny_data, tmp_path / "gc", gradient_checkpointing=True, **common))
+    assert train_losses(tmp_path / "gc") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-6)
+
+
+def test_qlora_trains_over_an_nf4_base(tiny_model_dir, tiny_data, tmp_path):
+    from homebake.adapters.lora import lora_modules
+
+    config = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", method="qlora", max_steps=4,
+                         data={"validation_fraction": 0.0})
+    setup = loop.build_model(config, torch.device("cpu"), torch.float32)
+    modules = lora_modules(setup.model)
+    assert modules and all(m.weight_nf4 is not None and m.weight is None for m in modules.values())
+    result = loop.train(config)
+    losses = train_losses(tmp_path / "run")
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file() and result.stopped == "completed"
