@@ -183,3 +183,16 @@ def test_qlora_trains_over_an_nf4_base(tiny_model_dir, tiny_data, tmp_path):
     losses = train_losses(tmp_path / "run")
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file() and result.stopped == "completed"
+
+
+def test_epoch_limit_covers_the_data_once(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = loop.train(tiny_config(tiny_model_dir, tiny_data, out, max_steps=None, epochs=1.0, grad_accum=2,
+                                    batch_size=3, data={"validation_fraction": 0.0}))
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert records[-1]["epoch"] == 1.0 and result.step == len(records)
+    config = tiny_config(tiny_model_dir, tiny_data, out, batch_size=3, data={"validation_fraction": 0.0})
+    setup = loop.build_model(config, torch.device("cpu"), torch.float32)
+    examples, _, _ = loop.load_examples(config, setup.loaded.tokenizer)
+    rows = evaluation_batches(examples, batch_size=1, max_seq_len=160, pad_token_id=0, packing=True)
+    assert sum(r["tokens"] for r in records) == sum(b.num_real_tokens for b in rows)  # every token exactly once
