@@ -162,6 +162,7 @@ def main() -> int:
     parser.add_argument("--precision", default="auto", help="homebake's --precision (auto: bf16 only where native)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="homebake with checkpointing")
     parser.add_argument("--peer", default=",".join(PEER_CONFIGS), help="peer configurations to run")
+    parser.add_argument("--force-bf16", action="store_true", help="run bf16 peers even without native bf16")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     common = dict(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -174,8 +175,17 @@ def main() -> int:
                         gradient_checkpointing=args.gradient_checkpointing, **common)
     rows.append({"run": name, **ours})
     peers = []
+    import torch
+
+    from homebake.train.loop import fast_bf16
+
+    native_bf16 = fast_bf16(torch.device("cpu"))
     for key in [k for k in args.peer.split(",") if k]:
         precision, gc = PEER_CONFIGS[key]
+        if precision == "bf16" and not native_bf16 and not args.force_bf16:
+            print(f"skipping peer {key}: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 autocast runs "
+                  "~30x slower than fp32, so it cannot be the peer's best (--force-bf16 runs it anyway)", flush=True)
+            continue
         print(f"running peer {key} ...", flush=True)
         result = run_isolated("train", "run_peer", precision=precision, gradient_checkpointing=gc, **common)
         peers.append({"run": f"transformers+PEFT {key}", **result})

@@ -93,7 +93,7 @@ def test_outputs_validation_and_checkpoint_retention(tiny_model_dir, tiny_data, 
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in train] == list(range(1, 7))
     assert {"lr", "grad_norm", "tokens_per_s", "rss_gib", "peak_rss_gib"} <= set(train[0])
-    assert [r["step"] for r in val] == [2, 4, 6]
+    assert [r["step"] for r in val] == [0, 2, 4, 6]  # 0: the untrained model
     assert val[-1]["val_loss"] < val[0]["val_loss"]  # learning generalises a little even in 6 steps
     assert result.best_step is not None
     steps = [s for s, _ in list_checkpoints(out)]

@@ -380,6 +380,10 @@ def train(config: TrainConfig) -> TrainResult:
         return path
 
     metrics = MetricsLog(out, resume_step=state.step if resume_from is not None else None)
+    if resume_from is None and eval_batches:  # where the curve starts: the untrained model's validation loss
+        start_loss = runner.evaluate(eval_batches)
+        metrics.write({"step": 0, "val_loss": start_loss})
+        _log(f"step 0: validation loss {start_loss:.4f} (before training)", None)
     bar = _progress_bar(config, total_steps, state.step)
     stopped, last_loss = "completed", None
     run_tokens, run_time = 0, 0.0
