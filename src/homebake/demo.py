@@ -31,14 +31,14 @@ class DemoSettings:
     data_dir: Path = DATA_DIR
     out: Path = Path("homebake-demo")
     train_examples: int | None = None  # None: every example in train.jsonl
-    max_steps: int | None = 60
+    max_steps: int | None = 24
     epochs: float = 2.0  # used when max_steps is None
     batch_size: int = 8
     learning_rate: float = 1e-3
     lora_r: int = 16
     lora_alpha: float = 32
     max_seq_len: int = 256
-    eval_every: int = 20
+    eval_every: int = 8
     test_examples: int | None = None  # None: all of test.jsonl
     quant: str = "Q8_0"
     device: str = "auto"
@@ -79,12 +79,15 @@ def _subset(path: Path, count: int | None, out_dir: Path) -> Path:
 def train_config(settings: DemoSettings, train_path: Path, valid_path: Path):
     from .adapters.config import LoraConfig
     from .data.config import DataConfig
+    from .device import cpu_has_fast_bf16, pick_device
     from .train.config import TrainConfig
 
     values = dict(model=settings.model, method="lora", out=str(settings.out), batch_size=settings.batch_size,
                   learning_rate=settings.learning_rate, max_steps=settings.max_steps, epochs=settings.epochs,
                   eval_every=settings.eval_every, device=settings.device, overwrite=settings.overwrite,
                   progress=settings.progress, save_every=10_000)
+    if settings.device in ("auto", "cpu") and pick_device(settings.device).type == "cpu" and not cpu_has_fast_bf16():
+        values["precision"] = "fp32"  # bf16 is emulated on this CPU and ~10x slower than fp32
     values.update(settings.trainer_overrides)
     return TrainConfig(data=DataConfig(paths=[str(train_path)], validation=str(valid_path),
                                        max_seq_len=settings.max_seq_len),

@@ -33,6 +33,19 @@ def supports_bf16(device: torch.device) -> bool:
     return device.type in ("cpu", "mps")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (x86 AVX512-BF16 or AMX).
+
+    Elsewhere (e.g. AVX2-only CPUs) PyTorch emulates them, ~10-100x slower than fp32, so fp32 is the fast choice.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_dtype(name: str, device: torch.device, *, prefer_bf16: bool) -> torch.dtype:
     """`auto` is bf16 where the device supports it and ``prefer_bf16`` holds, else fp32."""
     if name == "auto":

@@ -221,10 +221,11 @@ def greedy_answers(model, tokenizer, examples: list[EvalExample], max_new_tokens
             raise DataError(f"the prompt and answer do not fit the model's context of {context} tokens",
                             where=too_long[0], fix="shorten the example or lower --max-new-tokens")
     order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))  # similar lengths pad little
+    size = math.ceil(len(order) / max(1, math.ceil(len(order) / batch_size)))  # 50 by 16: 13+13+12+12
     answers: list[tuple[str, int]] = [("", 0)] * len(examples)
     done = 0
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for start in range(0, len(order), size):
+        chunk = order[start:start + size]
         generated = greedy_batch(model, [encoded[i] for i in chunk], max_new_tokens, tokenizer.end_token_ids,
                                  tokenizer.pad_token_id)
         for index, ids in zip(chunk, generated):
