@@ -122,7 +122,7 @@ def test_demo_at_tiny_scale_produces_every_artefact(tiny_model_dir, extract_dir,
     out = tmp_path / "demo"
     settings = DemoSettings(model=str(tiny_model_dir), data_dir=extract_dir, out=out, max_steps=3, batch_size=4,
                             learning_rate=1e-2, lora_r=4, lora_alpha=8, eval_every=2, device="cpu", quant="Q8_0",
-                            progress=False, trainer_overrides={"precision": "fp32"})
+                            max_seq_len=512, progress=False, trainer_overrides={"precision": "fp32"})
     messages = []
     demo = run_demo(settings, say=messages.append)
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl",
