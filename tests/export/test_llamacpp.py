@@ -49,7 +49,10 @@ def test_llama_cpp_logits_match_homebake(quant, exports, default_gguf):
 @pytest.mark.slow
 def test_llama_cpp_chat_stops_at_end_token(exports):
     llm = llama_cpp.Llama(model_path=str(exports["Q8_0"]), n_ctx=512, verbose=False, n_threads=2)
-    reply = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
+    # llama.cpp quantises activations, so on some prompts this 4-bit 135M model drifts into a loop even from
+    # the source GGUF (e.g. "What is the capital of France?"); "Say hello." answers briefly in both, so a
+    # failure here means the end token or template metadata is wrong, not the model's luck.
+    reply = llm.create_chat_completion(messages=[{"role": "user", "content": "Say hello."}],
                                        max_tokens=128, temperature=0.0)
     choice = reply["choices"][0]
     assert choice["finish_reason"] == "stop"  # the end token ended it, not max_tokens
