@@ -7,6 +7,7 @@ import sys
 import gguf
 import pytest
 import torch
+from chromium import find_chromium, render_page
 
 from homebake.cli import main
 from homebake.demo import DemoSettings, run_demo, summary_lines
@@ -138,6 +139,11 @@ def test_demo_at_tiny_scale_produces_every_artefact(tiny_model_dir, extract_dir,
     assert any("val_loss" in m for m in metrics) and max(m["step"] for m in metrics) == 3
     page = demo.report.read_text()
     assert str(demo.gguf) in page and "Verdict:" in page
+    binary = find_chromium()
+    if binary is not None:  # the real report renders cleanly too
+        shown = render_page(binary, demo.report, tmp_path / "demo-report.png",
+                            {"charts": "document.querySelectorAll('svg.chart polyline').length"})
+        assert shown.console_errors == [] and shown.values["charts"] >= 3
     lines = summary_lines(demo, settings.model)
     assert lines[0].startswith("verdict: ") and any("homebake chat" in line for line in lines)
     assert any(m.startswith("[4/4]") for m in messages)
