@@ -28,6 +28,8 @@ def run(args) -> int:
         summary += f", train loss {result.last_loss:.4f}"
     if result.val_loss is not None:
         summary += f", validation loss {result.val_loss:.4f} (best {result.best_val_loss:.4f} at step {result.best_step})"
-    summary += f", {result.tokens_per_s:.0f} tokens/s, peak RSS {result.peak_rss_gib:.2f} GiB; outputs in {result.out_dir}"
+    if result.tokens_per_s:
+        summary += f", {result.tokens_per_s:.0f} tokens/s"
+    summary += f", peak RSS {result.peak_rss_gib:.2f} GiB; outputs in {result.out_dir}"
     print(summary)
     return 130 if result.stopped == "interrupted" else 0

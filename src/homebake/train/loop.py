@@ -430,6 +430,8 @@ def train(config: TrainConfig) -> TrainResult:
                     plot_losses(out)
                 if final or improved or state.step % config.save_every == 0:
                     checkpoint_now()
+                if final:  # a stop request during the last step still completes the run
+                    break
                 stopped = _stop_reason(config, state, stop_request, bar) or stopped
                 if stopped != "completed":
                     break
