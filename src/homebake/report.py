@@ -156,13 +156,17 @@ def training_summary(records: list[dict]) -> dict[str, float | int | None]:
         values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
         return max(values) if values else None
 
-    tokens, elapsed = last.get("tokens"), last.get("elapsed_s")
-    overall = tokens / elapsed if isinstance(tokens, (int, float)) and elapsed else None
+    # training logs tokens per step and the wall time so far (across resumes)
+    counted = [r for r in train if isinstance(r.get("tokens"), (int, float))]
+    tokens = sum(r["tokens"] for r in counted) if counted else None
+    trained = sum(r.get("trained_tokens") or 0 for r in train) or None
+    elapsed = last.get("elapsed_s")
+    overall = tokens / elapsed if tokens and elapsed else None
     vals = [r["val_loss"] for r in records if isinstance(r.get("val_loss"), (int, float))]
     return {
         "steps": last.get("step"),
         "tokens": tokens,
-        "trained_tokens": last.get("trained_tokens"),
+        "trained_tokens": trained,
         "elapsed_s": elapsed,
         "tokens_per_s": overall if overall is not None else (sum(speeds) / len(speeds) if speeds else None),
         "final_loss": last.get("loss"),

@@ -20,7 +20,7 @@ def make_run(tmp_path, *, with_comparison=True):
     lines = []
     for step in range(1, 21):
         lines.append({"step": step, "loss": 3.0 / step ** 0.5, "lr": 2e-4, "tokens_per_s": 400 + step,
-                      "tokens": 1000 * step, "trained_tokens": 300 * step, "elapsed_s": 2.5 * step,
+                      "tokens": 1000, "trained_tokens": 300, "elapsed_s": 2.5 * step,
                       "rss_gib": 1.0 + step / 100, "peak_rss_gib": 1.2 + step / 100})
         if step % 5 == 0:
             lines.append({"step": step, "val_loss": 2.5 / step ** 0.4})
@@ -76,12 +76,13 @@ def test_line_chart_maps_extremes_to_the_plot_corners():
 
 
 def test_training_summary_from_metrics():
-    records = [{"step": 1, "loss": 2.0, "tokens": 100, "elapsed_s": 1.0, "peak_rss_gib": 1.5},
+    records = [{"step": 0, "val_loss": 2.2},  # the untrained model, before step 1
+               {"step": 1, "loss": 2.0, "tokens": 100, "elapsed_s": 1.0, "peak_rss_gib": 1.5, "trained_tokens": 30},
                {"step": 1, "val_loss": 1.9},
-               {"step": 2, "loss": 1.0, "tokens": 300, "elapsed_s": 2.0, "peak_rss_gib": 2.5, "trained_tokens": 90},
+               {"step": 2, "loss": 1.0, "tokens": 200, "elapsed_s": 2.0, "peak_rss_gib": 2.5, "trained_tokens": 60},
                {"step": 2, "val_loss": 1.7}]
-    summary = training_summary(records)
-    assert summary["steps"] == 2 and summary["tokens"] == 300
+    summary = training_summary(records)  # tokens are per step, elapsed_s is the run's wall time so far
+    assert summary["steps"] == 2 and summary["tokens"] == 300 and summary["trained_tokens"] == 90
     assert summary["tokens_per_s"] == 150
     assert summary["peak_rss_gib"] == 2.5
     assert summary["final_val_loss"] == 1.7 and summary["best_val_loss"] == 1.7
@@ -101,6 +102,7 @@ def test_report_is_self_contained_and_has_every_section(tmp_path):
     assert "Verdict: improved" in page
     assert "learning_rate: 0.0002" in page  # the resolved config
     assert "+100.0 pts" in page
+    assert "<td>20,000</td>" in page and "400 tokens/s" in page  # 20 steps x 1,000 tokens in 50 s
     assert page.count('data-label="train"') == 1 and page.count('data-label="validation"') == 1
     assert not list(run.glob(".report.html.*"))  # written atomically, no temporary left behind
 
