@@ -53,7 +53,10 @@ def transformers_side(new_tokens: int, threads: int) -> dict:
     model.eval()
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
-    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=tokenizer.eos_token_id)
+    # An explicit all-ones mask: the prompt contains <|im_end|>, which is also this model's pad id, and
+    # transformers would otherwise infer those positions to be padding.
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=tokenizer.eos_token_id,
+                  attention_mask=torch.ones_like(ids))
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
         with Timer() as gen:
