@@ -175,7 +175,7 @@ def summary_lines(demo: DemoResult, model: str | None) -> list[str]:
                      f"{100 * (tuned_task.get('field_accuracy') or 0):.1f}%, validation loss "
                      f"{comparison['base']['loss']:.3f} -> {comparison['tuned']['loss']:.3f}")
     model_flag = f" --model {model}" if model else ""
-    lines += [f"  time: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()),
+    lines += ["  time: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()),
               f"  report:   {demo.report}",
               f"  adapter:  {demo.run_dir} (PEFT format; also the training run: config.yaml, metrics.jsonl)",
               f"  GGUF:     {demo.gguf}",

@@ -17,11 +17,8 @@ llama.cpp's ``llama-quantize`` so files behave like the ones people download:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -31,6 +28,7 @@ from ..errors import ExportError
 from ..model.args import GGUF_ARCH_OF_MODEL_TYPE
 from ..model.gguf_file import PERMUTED_QK_ARCHS, hf_to_gguf_name, permute_qk, qk_heads
 from . import kquants
+from .gguf_writer import add_rope_freqs, save_atomically, write_metadata_value, write_model_metadata
 
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K")
 _MIX_DEFAULT = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
@@ -130,17 +128,15 @@ def write_model_gguf(path: str | os.PathLike, state_dict: Mapping[str, torch.Ten
     """
     import gguf
 
-    from .gguf_writer import _write_model_metadata, _write_value
-
     quant = check_quant(quant)
     arch = GGUF_ARCH_OF_MODEL_TYPE.get(args.model_type)
     if arch is None:
         raise ExportError(f"cannot write model_type {args.model_type!r} as GGUF", where="model config",
                           fix=f"supported: {', '.join(GGUF_ARCH_OF_MODEL_TYPE)}")
     writer = gguf.GGUFWriter(path=None, arch=arch)
-    _write_model_metadata(writer, args, arch, quant, name)
+    write_model_metadata(writer, args, arch, quant, name)
     for key, value in (tokenizer_metadata or {}).items():
-        _write_value(writer, key, value)
+        write_metadata_value(writer, key, value)
 
     chosen: dict[str, str] = {}
     for gguf_name, data in gguf_tensors(state_dict, args):
@@ -151,31 +147,10 @@ def write_model_gguf(path: str | os.PathLike, state_dict: Mapping[str, torch.Ten
         encoded, raw = encode_tensor(data.numpy(), type_name)
         writer.add_tensor(gguf_name, encoded, raw_dtype=raw)
         chosen[gguf_name] = type_name
-    if args.rope_type == "llama3":
-        from ..model.rope import base_inv_freq, llama3_factors
-
-        factors = llama3_factors(base_inv_freq(args.rope_theta, args.head_dim).numpy(), args.rope_scaling)
-        writer.add_tensor("rope_freqs.weight", np.asarray(factors, dtype=np.float32))
+    if add_rope_freqs(writer, args):
         chosen["rope_freqs.weight"] = "F32"
-    _write_atomically(writer, Path(path))
+    save_atomically(writer, path)
     return chosen
-
-
-def _write_atomically(writer, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)  # a crash never leaves a half-written GGUF under the final name
-    except BaseException:
-        writer.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def tokenizer_gguf_metadata(tokenizer) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,7 +44,7 @@ def write_gguf_lora(path: str | os.PathLike, adapter_state: dict[str, torch.Tens
     from gguf.quants import quantize
 
     from ..adapters.lora import split_adapter_state
-    from .gguf import _write_atomically
+    from .gguf_writer import save_atomically
 
     if lora_config.use_dora:
         refuse_unless_plain_lora("dora", str(path))
@@ -84,7 +83,7 @@ def write_gguf_lora(path: str | os.PathLike, adapter_state: dict[str, torch.Tens
             else:
                 writer.add_tensor(tensor_name, array)
             written[tensor_name] = tuple(array.shape)
-    _write_atomically(writer, Path(path))
+    save_atomically(writer, path)
     return written
 
 

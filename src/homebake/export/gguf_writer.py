@@ -55,7 +55,7 @@ def write_gguf(
         raise ExportError(f"cannot write model_type {args.model_type!r} as GGUF", where="model config")
     path = Path(path)
     writer = gguf.GGUFWriter(path=None, arch=arch)
-    _write_model_metadata(writer, args, arch, tensor_type, name)
+    write_model_metadata(writer, args, arch, tensor_type, name)
     tokenizer_metadata = dict(tokenizer_metadata or {})
     # keep the config's special ids even when no tokenizer metadata is given (the tokenizer's win)
     for key, value in (("tokenizer.ggml.bos_token_id", args.bos_token_id),
@@ -64,7 +64,7 @@ def write_gguf(
         if isinstance(value, int) and key not in tokenizer_metadata:
             tokenizer_metadata[key] = value
     for key, value in tokenizer_metadata.items():
-        _write_value(writer, key, value)
+        write_metadata_value(writer, key, value)
 
     qtype = gguf.GGMLQuantizationType[tensor_type]
     for hf_name, tensor in state_dict.items():
@@ -80,10 +80,24 @@ def write_gguf(
             data = permute_qk(data, heads)
         array, raw_dtype = _encode(data.numpy(), qtype)
         writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
-    if args.rope_type == "llama3":
-        factors = llama3_factors(base_inv_freq(args.rope_theta, args.head_dim).numpy(), args.rope_scaling)
-        writer.add_tensor("rope_freqs.weight", factors.astype(np.float32))
+    add_rope_freqs(writer, args)
+    save_atomically(writer, path)
+    return path
 
+
+def add_rope_freqs(writer, args: ModelArgs) -> bool:
+    """Llama 3 RoPE scaling travels as llama.cpp's ``rope_freqs`` tensor; returns whether one was written."""
+    if args.rope_type != "llama3":
+        return False
+    factors = llama3_factors(base_inv_freq(args.rope_theta, args.head_dim).numpy(), args.rope_scaling)
+    writer.add_tensor("rope_freqs.weight", np.asarray(factors, dtype=np.float32))
+    return True
+
+
+def save_atomically(writer, path: str | os.PathLike) -> None:
+    """Write a filled GGUFWriter to ``path`` through a temporary sibling, so a crash never leaves a
+    half-written GGUF under the final name."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -92,16 +106,15 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)  # a crash never leaves a half-written GGUF under the final name
+        os.replace(tmp, path)
     except BaseException:
         writer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
 
 
-def _write_model_metadata(writer, args: ModelArgs, arch: str, tensor_type: str, name: str | None) -> None:
+def write_model_metadata(writer, args: ModelArgs, arch: str, tensor_type: str, name: str | None) -> None:
     import gguf
 
     # transformers' GGUF loader treats "mistral" in the name as a separate (unsupported) architecture,
@@ -148,7 +161,7 @@ def _encode(array: np.ndarray, qtype) -> tuple[np.ndarray, Any]:
 _KEY_TYPES = {"tokenizer.ggml.token_type": "INT32", "tokenizer.ggml.scores": "FLOAT32"}
 
 
-def _write_value(writer, key: str, value: Any) -> None:
+def write_metadata_value(writer, key: str, value: Any) -> None:
     import gguf
 
     V = gguf.GGUFValueType

@@ -58,7 +58,7 @@ def detect_family(chat_template: str | None) -> str:
         "the model's chat template is not one Ollama export supports" if chat_template
         else "the model has no chat template, so Ollama would not know how to format a chat",
         where="tokenizer chat_template",
-        fix=f"supported families: ChatML (<|im_start|>), Llama 3 (<|start_header_id|>), Mistral ([INST]); "
+        fix="supported families: ChatML (<|im_start|>), Llama 3 (<|start_header_id|>), Mistral ([INST]); "
             "export with --format gguf and write the Modelfile TEMPLATE by hand",
     )
 

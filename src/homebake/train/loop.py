@@ -32,10 +32,10 @@ from ..device import pick_device, supports_bf16
 from ..errors import ConfigError, HomebakeError
 from .checkpoint import (CHECKPOINTS, TrainerState, latest_checkpoint, load_checkpoint, prune_checkpoints,
                          save_checkpoint)
-from .config import CONFIG_FILE, TrainConfig
+from .config import TrainConfig
 from .data_stream import BatchStream, evaluation_batches
 from .loss import chunked_cross_entropy, default_chunk_rows, shift_targets
-from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, memory_stats, peak_rss_bytes, plot_losses
+from .metrics import METRICS_FILE, MetricsLog, memory_stats, peak_rss_bytes, plot_losses
 from .plan import GIB, available_memory, estimate_memory
 from .schedule import LRSchedule
 
