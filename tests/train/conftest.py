@@ -1,55 +1,11 @@
-"""Fixtures for training tests: a tiny random Llama folder with a byte-level ChatML tokenizer, and tiny data."""
+"""Fixtures for training tests (helpers live in train_helpers.py)."""
 
 from __future__ import annotations
 
-import json
-import random
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tiny_models
-
-CHATML = (Path(__file__).resolve().parents[1] / "fixtures" / "templates" / "smollm2-chatml.jinja").read_text()
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-
-
-def save_byte_tokenizer(directory: Path) -> None:
-    """A byte-level BPE without merges (one token per byte) + ChatML specials: ids 0..259, vocab < 320."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIALS)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>", "pad_token": "<pad>", "bos_token": None, "add_bos_token": False,
-        "chat_template": CHATML}))
-
-
-def make_tiny_model_dir(directory: Path, variant: str = "llama_tied", seed: int = 0) -> Path:
-    from tiny_models import save_tiny_hf_model
-
-    save_tiny_hf_model(directory, variant, seed=seed, max_position_embeddings=512)
-    save_byte_tokenizer(directory)
-    return directory
-
-
-def write_chat_jsonl(path: Path, count: int, seed: int = 0) -> Path:
-    """Arithmetic-style chats: short, learnable, varied lengths (so packing matters)."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(count):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        messages = [{"role": "system", "content": "add"},
-                    {"role": "user", "content": f"{a}+{b}"},
-                    {"role": "assistant", "content": str(a + b)}]
-        lines.append(json.dumps({"messages": messages}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from train_helpers import make_tiny_model_dir, write_chat_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -71,18 +27,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_config(model_dir: Path, data_path: Path, out: Path, **overrides):
-    """A fast, deterministic TrainConfig for the tiny model (fp32, no progress bar)."""
-    from homebake.adapters.config import LoraConfig
-    from homebake.data.config import DataConfig
-    from homebake.train.config import TrainConfig
-
-    data_options = overrides.pop("data", {})
-    lora_options = overrides.pop("lora", {})
-    values = dict(model=str(model_dir), out=str(out), precision="fp32", device="cpu", batch_size=4,
-                  max_steps=4, learning_rate=3e-3, eval_every=0, save_every=100, progress=False)
-    values.update(overrides)
-    return TrainConfig(data=DataConfig(**{"paths": [str(data_path)], "max_seq_len": 160, **data_options}),
-                       lora=LoraConfig(**{"r": 4, "alpha": 8, **lora_options}), **values)

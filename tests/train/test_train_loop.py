@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from train_helpers import tiny_config
 from homebake.errors import ConfigError
 from homebake.train import loop
 from homebake.train.checkpoint import TrainerState, list_checkpoints
@@ -72,7 +72,7 @@ def test_lora_with_zero_b_equals_the_base_forward(tiny_model_dir, tiny_data, tmp
 
 
 def test_overfitting_a_tiny_batch_drives_the_loss_near_zero(tiny_model_dir, tiny_data, tmp_path):
-    from conftest import write_chat_jsonl
+    from train_helpers import write_chat_jsonl
 
     data = write_chat_jsonl(tmp_path / "four.jsonl", 4, seed=3)
     config = tiny_config(tiny_model_dir, data, tmp_path / "run", method="full", max_steps=60, learning_rate=1e-2,

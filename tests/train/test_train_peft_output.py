@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from train_helpers import tiny_config
 from homebake.train import loop
 
 
