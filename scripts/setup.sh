@@ -21,11 +21,16 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 
-# The report test renders report.html in a real headless Chromium (it skips when none is installed).
-if [[ "${1:-}" == "test" ]] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
-    && [[ "$(id -u)" == 0 ]]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || echo "setup: could not install chromium; the report's browser test will be skipped" >&2
+# Real consumers used by tests, from Debian's packages when missing (each test skips when its tool is absent):
+# Chromium renders report.html; Go's text/template renders the Ollama Modelfile TEMPLATE.
+if [[ "${1:-}" == "test" ]] && command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
+  missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v go >/dev/null || missing+=(golang-go)
+  if (( ${#missing[@]} )); then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "setup: could not install ${missing[*]}; the tests that need them will be skipped" >&2
+  fi
 fi
 
 .venv/bin/homebake setup
