@@ -25,3 +25,15 @@ def default_gguf():
             pytest.fail(f"default model missing at {path}; run scripts/setup.sh")
         pytest.skip("default model not fetched; run scripts/setup.sh")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread: tiny models gain nothing from threads, and on a shared 2-core
+    machine OpenMP spinning makes them many times slower. Folders of tiny-model tests use it autouse."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

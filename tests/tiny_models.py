@@ -94,3 +94,27 @@ def load_hf_reference(directory: str | Path, **kwargs: Any):
 
     return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32,
                                                 **kwargs).eval()
+
+
+CHATML_TEMPLATE = (Path(__file__).resolve().parent / "fixtures" / "templates" / "smollm2-chatml.jinja").read_text()
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def save_byte_tokenizer(directory: Path, *, merges: list[tuple[str, str]] = (), bos_token: str | None = None) -> None:
+    """A byte-level BPE (one token per byte, plus ``merges``) with ChatML specials and the SmolLM2 template,
+    written as tokenizer.json + tokenizer_config.json; vocab < 320, so it fits every tiny model."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(CHATML_SPECIALS)
+    tokenizer.save(str(Path(directory) / "tokenizer.json"))
+    (Path(directory) / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "pad_token": "<pad>", "bos_token": bos_token, "add_bos_token": False,
+        "chat_template": CHATML_TEMPLATE}))

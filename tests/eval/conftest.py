@@ -29,14 +29,8 @@ make_dataset = _load("homebake_extract_dataset", ROOT / "examples" / "extract" /
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine OpenMP spinning slows them badly."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_models_run_single_threaded(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

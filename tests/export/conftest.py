@@ -3,7 +3,6 @@ ChatML tokenizer, a LoRA run folder trained on it (random non-zero adapters), an
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,29 +11,15 @@ import torch
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))  # tiny_models
-CHATML = (TESTS / "fixtures" / "templates" / "smollm2-chatml.jinja").read_text()
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512)
 
 
 def save_byte_tokenizer(directory: Path) -> None:
-    """Byte-level BPE with a few merges + ChatML specials (vocab < 320)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """The byte-level ChatML tokenizer with a few merges (a GGUF cannot hold an empty merge list)."""
+    from tiny_models import save_byte_tokenizer as save
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIALS)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>", "pad_token": "<pad>", "bos_token": "<|im_start|>", "add_bos_token": False,
-        "chat_template": CHATML}))
+    save(directory, merges=[("Ġ", "t"), ("h", "e"), ("Ġt", "he")], bos_token="<|im_start|>")
 
 
 def make_model_dir(directory: Path, variant: str = "llama", seed: int = 0, **overrides) -> Path:

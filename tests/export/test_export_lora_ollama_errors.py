@@ -10,7 +10,7 @@ from gguf import GGUFReader
 from homebake.export.peft import load_peft_adapter
 from homebake.model.gguf_file import unpermute_qk
 
-from .conftest import make_adapter, make_model_dir
+from .conftest import make_model_dir
 
 
 def test_gguf_lora_layout_alpha_and_permutation(cli, lora_run, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize, quantize
-from tiny_models import ARCH_VARIANTS, load_hf_reference, save_tiny_hf_model
+from tiny_models import ARCH_VARIANTS, save_tiny_hf_model
 
 from homebake.errors import ExportError, ModelLoadError, UnsupportedArchitectureError
 from homebake.export.gguf_writer import WRITABLE_TYPES, write_gguf

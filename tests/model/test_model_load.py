@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import ARCH_VARIANTS, load_hf_reference, save_tiny_hf_model
+from tiny_models import ARCH_VARIANTS, save_tiny_hf_model
 
 from homebake.errors import ModelLoadError, UnsupportedArchitectureError
 from homebake.model.load import load_model, load_state_dict

@@ -19,11 +19,5 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP spinning makes them 10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_models_run_single_threaded(one_thread):
     yield
-    torch.set_num_threads(before)

@@ -11,27 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tiny_models
 
-CHATML = (Path(__file__).resolve().parents[1] / "fixtures" / "templates" / "smollm2-chatml.jinja").read_text()
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-
-
-def save_byte_tokenizer(directory: Path) -> None:
-    """A byte-level BPE without merges (one token per byte) + ChatML specials: ids 0..259, vocab < 320."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIALS)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>", "pad_token": "<pad>", "bos_token": None, "add_bos_token": False,
-        "chat_template": CHATML}))
-
 
 def make_tiny_model_dir(directory: Path, variant: str = "llama_tied", seed: int = 0) -> Path:
-    from tiny_models import save_tiny_hf_model
+    from tiny_models import save_byte_tokenizer, save_tiny_hf_model
 
     save_tiny_hf_model(directory, variant, seed=seed, max_position_embeddings=512)
     save_byte_tokenizer(directory)

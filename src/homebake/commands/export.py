@@ -116,8 +116,9 @@ def _name(source, args) -> str:
 
 def _export_gguf_lora(source, out: Path, quant: str, args) -> list[Path]:
     from ..export.gguf_lora import write_gguf_lora
+    from ..export.output import export_dir
 
-    with _replacing(out, args.force) as tmp:
+    with export_dir(out, overwrite=args.force) as tmp:
         write_gguf_lora(tmp / f"{_name(source, args)}-lora-{quant}.gguf", source.adapter_state, source.lora_config,
                         source.loaded.args, tensor_type=quant, name=_name(source, args))
     return sorted(out.iterdir())
@@ -126,6 +127,7 @@ def _export_gguf_lora(source, out: Path, quant: str, args) -> list[Path]:
 def _export_gguf(source, out: Path, quant: str, args, *, ollama: bool) -> list[Path]:
     from ..export import ollama as ollama_mod
     from ..export.gguf import tokenizer_gguf_metadata, write_model_gguf
+    from ..export.output import export_dir
 
     tokenizer = source.loaded.tokenizer
     name = _name(source, args)
@@ -137,7 +139,7 @@ def _export_gguf(source, out: Path, quant: str, args, *, ollama: bool) -> list[P
             tokenizer.chat_template,
             lambda messages, generation: tokenizer.render_chat(messages, add_generation_prompt=generation), ends)
     state = source.merged_state_dict()
-    with _replacing(out, args.force) as tmp:
+    with export_dir(out, overwrite=args.force) as tmp:
         write_model_gguf(tmp / gguf_name, state, source.loaded.args, tokenizer_metadata=tokenizer_gguf_metadata(tokenizer),
                          quant=quant, name=name)
         if template is not None:
@@ -146,25 +148,3 @@ def _export_gguf(source, out: Path, quant: str, args, *, ollama: bool) -> list[P
         model_name = ollama_mod.ollama_model_name(name)
         print(f"to run it: {ollama_mod.create_command(model_name, out / 'Modelfile')} && ollama run {model_name}")
     return sorted(out.iterdir())
-
-
-def _replacing(out: Path, force: bool):
-    """atomic_dir with the CLI's error for an existing output."""
-    import contextlib
-
-    from ..errors import ExportError
-    from ..fsutil import atomic_dir
-
-    @contextlib.contextmanager
-    def manager():
-        try:
-            with atomic_dir(out, overwrite=force) as tmp:
-                yield tmp
-        except FileExistsError:
-            raise ExportError("the output already exists", where=str(out),
-                              fix="choose another --out, or pass --force to replace it") from None
-        except OSError as error:
-            raise ExportError(f"cannot write the export ({error.strerror or error})", where=str(out),
-                              fix="check the folder's permissions and free disk space") from None
-
-    return manager()

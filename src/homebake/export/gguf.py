@@ -26,9 +26,8 @@ import torch
 
 from ..errors import ExportError
 from ..model.args import GGUF_ARCH_OF_MODEL_TYPE
-from ..model.gguf_file import PERMUTED_QK_ARCHS, hf_to_gguf_name, permute_qk, qk_heads
 from . import kquants
-from .gguf_writer import add_rope_freqs, save_atomically, write_metadata_value, write_model_metadata
+from .gguf_writer import add_rope_freqs, gguf_tensors, save_atomically, write_metadata_value, write_model_metadata
 
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K")
 _MIX_DEFAULT = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
@@ -98,25 +97,6 @@ def encode_tensor(array: np.ndarray, type_name: str) -> tuple[np.ndarray, Any]:
     if qtype in kquants.K_QUANT_TYPES:
         return kquants.quantize(array, qtype), qtype
     return quantize(array, qtype), qtype
-
-
-def gguf_tensors(state_dict: Mapping[str, torch.Tensor], args) -> list[tuple[str, torch.Tensor]]:
-    """(GGUF name, float32 tensor in llama.cpp's layout) for every weight to write."""
-    arch = GGUF_ARCH_OF_MODEL_TYPE[args.model_type]
-    out = []
-    for hf_name, tensor in state_dict.items():
-        if hf_name == "lm_head.weight" and args.tie_word_embeddings:
-            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
-        gguf_name = hf_to_gguf_name(hf_name)
-        if gguf_name is None:
-            raise ExportError(f"tensor {hf_name!r} has no GGUF equivalent", where="model weights",
-                              fix="merge adapters into the base weights before exporting to GGUF")
-        data = tensor.detach().to(device="cpu", dtype=torch.float32)
-        heads = qk_heads(hf_name, args) if arch in PERMUTED_QK_ARCHS else None
-        if heads is not None:
-            data = permute_qk(data, heads)
-        out.append((gguf_name, data))
-    return out
 
 
 def write_model_gguf(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], args, *,

@@ -12,7 +12,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -67,22 +67,30 @@ def write_gguf(
         write_metadata_value(writer, key, value)
 
     qtype = gguf.GGMLQuantizationType[tensor_type]
-    for hf_name, tensor in state_dict.items():
-        if hf_name == "lm_head.weight" and args.tie_word_embeddings:
-            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
-        gguf_name = hf_to_gguf_name(hf_name)
-        if gguf_name is None:
-            raise ExportError(f"tensor {hf_name!r} has no GGUF equivalent", where="state dict",
-                              fix="merge adapters into the base weights before exporting to GGUF")
-        data = tensor.detach().to(device="cpu", dtype=torch.float32)
-        heads = qk_heads(hf_name, args) if arch in PERMUTED_QK_ARCHS else None
-        if heads is not None:
-            data = permute_qk(data, heads)
+    for gguf_name, data in gguf_tensors(state_dict, args):
         array, raw_dtype = _encode(data.numpy(), qtype)
         writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
     add_rope_freqs(writer, args)
     save_atomically(writer, path)
     return path
+
+
+def gguf_tensors(state_dict: Mapping[str, torch.Tensor], args) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor in llama.cpp's layout) for every weight to write, one at a time, so only
+    one float32 copy exists while it is encoded."""
+    arch = GGUF_ARCH_OF_MODEL_TYPE[args.model_type]
+    for hf_name, tensor in state_dict.items():
+        if hf_name == "lm_head.weight" and args.tie_word_embeddings:
+            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
+        gguf_name = hf_to_gguf_name(hf_name)
+        if gguf_name is None:
+            raise ExportError(f"tensor {hf_name!r} has no GGUF equivalent", where="model weights",
+                              fix="merge adapters into the base weights before exporting to GGUF")
+        data = tensor.detach().to(device="cpu", dtype=torch.float32)
+        heads = qk_heads(hf_name, args) if arch in PERMUTED_QK_ARCHS else None
+        if heads is not None:
+            data = permute_qk(data, heads)
+        yield gguf_name, data
 
 
 def add_rope_freqs(writer, args: ModelArgs) -> bool:

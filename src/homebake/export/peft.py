@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..adapters.config import LoraConfig
 from ..adapters.lora import split_adapter_state
 from ..errors import ConfigError, ExportError, ModelLoadError
-from ..fsutil import atomic_dir
+from .output import export_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -81,16 +81,9 @@ def save_peft_adapter(out_dir: str | Path, adapter_state: dict[str, torch.Tensor
     tensors = {PEFT_PREFIX + _rename(key, _TO_PEFT): tensor.detach().cpu().contiguous()
                for key, tensor in adapter_state.items()}
     config = peft_config_dict(lora_config, list(modules), base_model_name_or_path)
-    try:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    except FileExistsError as error:
-        raise ExportError("the output folder already exists", where=str(out_dir),
-                          fix="choose another folder or pass overwrite") from error
-    except OSError as error:
-        raise ExportError(f"cannot write the adapter ({error.strerror or error})", where=str(out_dir),
-                          fix="check the folder's permissions and free disk space") from error
+    with export_dir(out_dir, overwrite=overwrite, what="adapter") as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
 
