@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import ExportError
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator:
@@ -54,3 +56,20 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def output_dir(out_dir: str | os.PathLike, *, overwrite: bool, what: str = "export") -> Iterator[Path]:
+    """``atomic_dir`` whose failures are one-line ExportErrors naming the folder: an existing output that
+    may not be replaced, or an OS error (permissions, disk full) while writing ``what``.
+
+    Every output folder a user asks for (an export, a merged model, an adapter) is created through it."""
+    try:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            yield tmp
+    except FileExistsError:
+        raise ExportError("the output folder already exists", where=str(out_dir),
+                          fix="choose another --out, or pass --force to replace it") from None
+    except OSError as error:
+        raise ExportError(f"cannot write the {what} ({error.strerror or error})", where=str(out_dir),
+                          fix="check the folder's permissions and free disk space") from None

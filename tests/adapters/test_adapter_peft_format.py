@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from homebake.adapters import LoraConfig, inject_lora, load_lora_state_dict, lora_state_dict
 from homebake.errors import ExportError, ModelLoadError
-from homebake.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
+from homebake.adapters.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
 
 VARIANTS = {"lora": dict(), "rslora": dict(use_rslora=True), "dora": dict(use_dora=True)}
 

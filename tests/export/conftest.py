@@ -35,7 +35,7 @@ def make_adapter(base: str | Path, out: Path, *, use_dora: bool = False, seed: i
     """A LoRA (or DoRA) adapter with random non-zero weights, saved the way the trainer saves a run."""
     from homebake.adapters.config import LoraConfig
     from homebake.adapters.lora import inject_lora, lora_modules, lora_state_dict
-    from homebake.export.peft import save_peft_adapter
+    from homebake.adapters.peft import save_peft_adapter
     from homebake.model.load import load_model
 
     loaded = load_model(str(base), with_tokenizer=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from homebake.export.peft import load_peft_adapter
+from homebake.adapters.peft import load_peft_adapter
 from homebake.model.gguf_file import unpermute_qk
 
 from .conftest import make_model_dir

@@ -11,7 +11,7 @@ from homebake.train import loop
 def test_trained_adapter_loads_in_peft_with_identical_logits(tiny_model_dir, tiny_data, tmp_path, method):
     peft = pytest.importorskip("peft")
     from homebake.adapters.lora import inject_lora, load_lora_state_dict
-    from homebake.export.peft import load_peft_adapter
+    from homebake.adapters.peft import load_peft_adapter
     from homebake.model.load import load_model
     from tiny_models import load_hf_reference
 

@@ -2,8 +2,8 @@
 
 from .config import LoraConfig
 from .lora import (LoraLinear, describe_parameters, inject_lora, load_lora_state_dict, lora_state_dict,
-                   merge_lora)
-from .nf4 import NF4Linear, NF4Weight, quantize_base_to_nf4
+                   merge_lora, quantize_base_to_nf4)
+from .nf4 import NF4Linear, NF4Weight
 
 __all__ = ["LoraConfig", "LoraLinear", "NF4Linear", "NF4Weight", "describe_parameters", "inject_lora",
            "load_lora_state_dict", "lora_state_dict", "merge_lora", "quantize_base_to_nf4"]

@@ -202,24 +202,3 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def quantize_base_to_nf4(model: nn.Module, target_modules) -> list[str]:
-    """Store the weights of the targeted linear layers as NF4; returns the module paths quantised.
-
-    ``target_modules`` is a list of module names or "all-linear" (as in LoraConfig). Plain ``nn.Linear``
-    modules become ``NF4Linear``; already LoRA-wrapped layers keep their adapters and get an NF4 base.
-    Quantise before ``inject_lora`` so that DoRA's magnitude starts from the quantised weight.
-    """
-    from .lora import LoraLinear, find_target_modules, replace_module  # lora.py builds on this module
-
-    quantized = []
-    for path, module in find_target_modules(model, target_modules, allow_wrapped=True):
-        if isinstance(module, NF4Linear):
-            continue
-        if isinstance(module, LoraLinear):
-            module.quantize_base_()
-        else:
-            replace_module(model, path, NF4Linear.from_linear(module))
-        quantized.append(path)
-    return quantized

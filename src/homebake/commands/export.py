@@ -91,7 +91,7 @@ def run(args) -> int:
 
 
 def _export_hf(source, out: Path, args) -> list[Path]:
-    from ..export.hf import save_hf_model
+    from ..model.save import save_hf_model
 
     state = source.merged_state_dict()
     save_hf_model(source.loaded, out, state_dict=state, dtype=args.dtype, max_shard_size=args.max_shard_size,
@@ -101,7 +101,7 @@ def _export_hf(source, out: Path, args) -> list[Path]:
 
 def _export_peft(source, out: Path, args) -> list[Path]:
     from ..errors import ExportError
-    from ..export.peft import save_peft_adapter
+    from ..adapters.peft import save_peft_adapter
 
     if source.kind != "adapter":
         raise ExportError(f"a {'full fine-tune' if source.kind == 'full' else 'model'} has no adapter",
@@ -116,9 +116,9 @@ def _name(source, args) -> str:
 
 def _export_gguf_lora(source, out: Path, quant: str, args) -> list[Path]:
     from ..export.gguf_lora import write_gguf_lora
-    from ..export.output import export_dir
+    from ..fsutil import output_dir
 
-    with export_dir(out, overwrite=args.force) as tmp:
+    with output_dir(out, overwrite=args.force) as tmp:
         write_gguf_lora(tmp / f"{_name(source, args)}-lora-{quant}.gguf", source.adapter_state, source.lora_config,
                         source.loaded.args, tensor_type=quant, name=_name(source, args))
     return sorted(out.iterdir())
@@ -127,7 +127,7 @@ def _export_gguf_lora(source, out: Path, quant: str, args) -> list[Path]:
 def _export_gguf(source, out: Path, quant: str, args, *, ollama: bool) -> list[Path]:
     from ..export import ollama as ollama_mod
     from ..export.gguf import tokenizer_gguf_metadata, write_model_gguf
-    from ..export.output import export_dir
+    from ..fsutil import output_dir
 
     tokenizer = source.loaded.tokenizer
     name = _name(source, args)
@@ -139,7 +139,7 @@ def _export_gguf(source, out: Path, quant: str, args, *, ollama: bool) -> list[P
             tokenizer.chat_template,
             lambda messages, generation: tokenizer.render_chat(messages, add_generation_prompt=generation), ends)
     state = source.merged_state_dict()
-    with export_dir(out, overwrite=args.force) as tmp:
+    with output_dir(out, overwrite=args.force) as tmp:
         write_model_gguf(tmp / gguf_name, state, source.loaded.args, tokenizer_metadata=tokenizer_gguf_metadata(tokenizer),
                          quant=quant, name=name)
         if template is not None:

@@ -87,7 +87,7 @@ def open_source(path: str | Path, *, model: str | None = None) -> ExportSource:
     if path.is_file():
         return ExportSource(path, "model", _load(str(path), "model"))
     if (path / "adapter_config.json").is_file():
-        from .peft import load_peft_adapter
+        from ..adapters.peft import load_peft_adapter
 
         adapter_state, lora_config = load_peft_adapter(path)
         import json

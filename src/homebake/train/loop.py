@@ -150,7 +150,7 @@ def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.
         for param in model.parameters():
             param.requires_grad_(False)
         if config.method == "qlora":
-            from ..adapters.nf4 import quantize_base_to_nf4
+            from ..adapters.lora import quantize_base_to_nf4
 
             quantize_base_to_nf4(model, config.lora.target_modules)
         inject_lora(model, config.lora)
@@ -257,7 +257,7 @@ def adapter_writer(config: TrainConfig, setup: ModelSetup) -> Callable[[Path], N
     if config.method == "full":
         return None
     from ..adapters.lora import lora_state_dict
-    from ..export.peft import save_peft_adapter
+    from ..adapters.peft import save_peft_adapter
 
     base = str(config.model) if config.model else str(setup.loaded.source_path)
 
@@ -279,7 +279,7 @@ def write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path) -> li
             written.append(out / item.name)
         shutil.rmtree(staging, ignore_errors=True)
         return written
-    from ..export.hf import save_hf_model
+    from ..model.save import save_hf_model
 
     target = out / "model"
     save_hf_model(setup.loaded, target, state_dict=setup.model.state_dict(), overwrite=True)

@@ -15,10 +15,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..adapters.config import LoraConfig
-from ..adapters.lora import split_adapter_state
+from .config import LoraConfig
+from .lora import split_adapter_state
 from ..errors import ConfigError, ExportError, ModelLoadError
-from .output import export_dir
+from ..fsutil import output_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -81,7 +81,7 @@ def save_peft_adapter(out_dir: str | Path, adapter_state: dict[str, torch.Tensor
     tensors = {PEFT_PREFIX + _rename(key, _TO_PEFT): tensor.detach().cpu().contiguous()
                for key, tensor in adapter_state.items()}
     config = peft_config_dict(lora_config, list(modules), base_model_name_or_path)
-    with export_dir(out_dir, overwrite=overwrite, what="adapter") as tmp:
+    with output_dir(out_dir, overwrite=overwrite, what="adapter") as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out_dir

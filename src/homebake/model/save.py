@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ExportError
-from .output import export_dir
+from ..fsutil import output_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -172,7 +172,7 @@ def save_hf_model(loaded, out_dir: str | Path, *, state_dict: Mapping[str, torch
     state = {name: t.detach().to(device="cpu", dtype=target if t.is_floating_point() else t.dtype)
              for name, t in state.items()}
     max_bytes = parse_size(max_shard_size)
-    with export_dir(out_dir, overwrite=overwrite, what="model") as tmp:
+    with output_dir(out_dir, overwrite=overwrite, what="model") as tmp:
         write_safetensors(tmp, state, max_bytes)
         _write_json(tmp / "config.json", model_config(args, tokenizer, target))
         _write_json(tmp / "generation_config.json", generation_config(args, tokenizer))
