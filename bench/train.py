@@ -177,9 +177,9 @@ def main() -> int:
     peers = []
     import torch
 
-    from homebake.train.loop import fast_bf16
+    from homebake.device import has_fast_bf16
 
-    native_bf16 = fast_bf16(torch.device("cpu"))
+    native_bf16 = has_fast_bf16("cpu")
     for key in [k for k in args.peer.split(",") if k]:
         precision, gc = PEER_CONFIGS[key]
         if precision == "bf16" and not native_bf16 and not args.force_bf16:

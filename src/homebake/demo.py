@@ -84,15 +84,12 @@ def _subset(path: Path, count: int | None, out_dir: Path) -> Path:
 def train_config(settings: DemoSettings, train_path: Path, valid_path: Path):
     from .adapters.config import LoraConfig
     from .data.config import DataConfig
-    from .device import cpu_has_fast_bf16, pick_device
     from .train.config import TrainConfig
 
     values = dict(model=settings.model, method="lora", out=str(settings.out), batch_size=settings.batch_size,
                   learning_rate=settings.learning_rate, max_steps=settings.max_steps, epochs=settings.epochs,
                   eval_every=settings.eval_every, device=settings.device, overwrite=settings.overwrite,
                   progress=settings.progress, save_every=10_000)
-    if settings.device in ("auto", "cpu") and pick_device(settings.device).type == "cpu" and not cpu_has_fast_bf16():
-        values["precision"] = "fp32"  # bf16 is emulated on this CPU and ~10x slower than fp32
     values.update(settings.trainer_overrides)
     return TrainConfig(data=DataConfig(paths=[str(train_path)], validation=str(valid_path),
                                        max_seq_len=settings.max_seq_len),
@@ -116,7 +113,8 @@ def export_gguf(run_dir: Path, out: Path, quant: str, model: str | None) -> Path
 
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> DemoResult:
     from .evaluate import EvalOptions, comparison_record, run_comparison, write_json
-    from .report import COMPARE_FILE, write_report
+    from .report import write_report
+    from .run_folder import COMPARE_FILE
     from .train.loop import train
 
     paths = dataset_paths(settings.data_dir)

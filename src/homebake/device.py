@@ -33,12 +33,21 @@ def supports_bf16(device: torch.device) -> bool:
     return device.type in ("cpu", "mps")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (x86 AVX512-BF16 or AMX).
+def has_fast_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matmuls are fast on ``device``: GPUs with bf16, MPS, CPUs with AVX512-BF16 or AMX.
 
-    Elsewhere (e.g. AVX2-only CPUs) PyTorch emulates them, ~10-100x slower than fp32, so fp32 is the fast choice.
+    The one bf16 capability check. Elsewhere (e.g. AVX2-only CPUs) PyTorch emulates bf16 matmuls ~10-100x
+    slower than fp32, so fp32 is the fast choice there.
     """
-    try:
+    device = torch.device(device)
+    if not supports_bf16(device):
+        return False
+    if device.type != "cpu":
+        return True
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(probe is not None for probe in probes):
+        return any(probe() for probe in probes)
+    try:  # a torch without the probes: ask the kernel
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
             flags = handle.read()
     except OSError:

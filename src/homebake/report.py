@@ -18,11 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .fsutil import atomic_file
+from .run_folder import COMPARE_FILE, CONFIG_FILE, METRICS_FILE, REPORT_FILE, read_metrics
 
-REPORT_FILE = "report.html"
-COMPARE_FILE = "compare.json"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
 MAX_SAMPLES = 25
 COLOURS = ("#2563eb", "#dc2626", "#059669", "#d97706")
 
@@ -121,23 +118,6 @@ def line_chart(title: str, series: Sequence[Series], *, x_label: str, y_label: s
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl records; a line cut short by a crash ends the log (as in training)."""
-    records = []
-    if not path.is_file():
-        return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _points(records: list[dict], key: str) -> list[tuple[float, float]]:

@@ -170,13 +170,15 @@ def run_eval(args) -> int:
 
 def default_compare_out(adapter: str) -> Path | None:
     """A training run folder (it has config.yaml) gets compare.json and the report; a bare adapter does not."""
-    folder = Path(adapter)
-    return folder if (folder / "config.yaml").is_file() else None
+    from ..run_folder import is_run
+
+    return Path(adapter) if is_run(adapter) else None
 
 
 def run_compare(args) -> int:
     from ..evaluate import comparison_record, run_comparison, write_json
-    from ..report import COMPARE_FILE, write_report
+    from ..report import write_report
+    from ..run_folder import COMPARE_FILE
 
     options = _options(args)
     base, tuned, description = run_comparison(args.model, args.adapter, args.data, options, device=args.device,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,13 +27,15 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
 from ..fsutil import atomic_dir
+from ..run_folder import CHECKPOINT_STATE as STATE_FILE
+from ..run_folder import checkpoint_dir, latest_checkpoint, list_checkpoints
 
-CHECKPOINTS = "checkpoints"
-STEP_DIR = re.compile(r"^step-(\d+)$")
+__all__ = ["TrainerState", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
+           "save_checkpoint"]
+
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.safetensors"
-STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -58,28 +59,6 @@ class TrainerState:
     def from_dict(cls, data: dict) -> "TrainerState":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = STEP_DIR.match(child.name)
-        if match and child.is_dir() and (child / STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
 
 
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
@@ -123,7 +102,7 @@ def save_checkpoint(
     ``extra_files(tmp_dir)``, when given, writes more files into the checkpoint before it appears
     (e.g. a PEFT-format adapter a user can load from an intermediate step).
     """
-    target = Path(out_dir) / CHECKPOINTS / step_dir_name(state.step)
+    target = checkpoint_dir(out_dir, state.step)
     rng_tensors, rng_plain = capture_rng()
     state.rng = rng_plain
     with atomic_dir(target, overwrite=True) as tmp:

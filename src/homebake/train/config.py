@@ -22,11 +22,11 @@ import yaml
 from ..adapters.config import LoraConfig
 from ..data.config import DataConfig
 from ..errors import ConfigError
+from ..run_folder import CONFIG_FILE
 
 METHODS = ("lora", "dora", "qlora", "full")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("constant", "linear", "cosine")
-CONFIG_FILE = "config.yaml"
 
 
 def _help(text: str) -> dict:

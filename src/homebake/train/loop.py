@@ -28,14 +28,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..device import pick_device, supports_bf16
+from ..device import has_fast_bf16, pick_device, supports_bf16
 from ..errors import ConfigError, HomebakeError
-from .checkpoint import (CHECKPOINTS, TrainerState, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                         save_checkpoint)
+from ..run_folder import checkpoint_dir, latest_checkpoint, previous_run_files
+from .checkpoint import TrainerState, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .data_stream import BatchStream, evaluation_batches
 from .loss import chunked_cross_entropy, default_chunk_rows, shift_targets
-from .metrics import METRICS_FILE, MetricsLog, memory_stats, peak_rss_bytes, plot_losses
+from .metrics import MetricsLog, memory_stats, peak_rss_bytes, plot_losses
 from .plan import GIB, available_memory, estimate_memory
 from .schedule import LRSchedule
 
@@ -63,16 +63,12 @@ class TrainResult:
 # Setup: output folder, model + adapters, data
 # ---------------------------------------------------------------------------------------------
 
-def _previous_run_files(out: Path) -> list[Path]:
-    return [p for p in (out / CHECKPOINTS, out / METRICS_FILE) if p.exists()]
-
-
 def prepare_out_dir(config: TrainConfig) -> Path | None:
     """Check the --out folder against --resume/--overwrite; return the checkpoint to resume from."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("the output path is a file", where=f"out {out}", fix="choose a folder for --out")
-    previous = _previous_run_files(out)
+    previous = previous_run_files(out)
     if config.resume:
         checkpoint = latest_checkpoint(out)
         if checkpoint is None:
@@ -87,30 +83,17 @@ def prepare_out_dir(config: TrainConfig) -> Path | None:
     return None
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are fast here: GPUs with bf16, CPUs with AVX512-BF16 or AMX.
-
-    On other CPUs (e.g. AVX2-only) torch emulates bf16 matmuls at a fraction of fp32 speed.
-    """
-    if not supports_bf16(device):
-        return False
-    if device.type != "cpu":
-        return True
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
 def compute_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
     if config.precision == "fp32":
         return torch.float32
     if config.precision == "bf16":
         if not supports_bf16(device):
             raise ConfigError(f"{device.type} does not support bf16", where="precision", fix="use --precision fp32")
-        if not fast_bf16(device):
+        if not has_fast_bf16(device):
             print("homebake: warning: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 will be much slower "
                   "than --precision fp32", file=sys.stderr)
         return torch.bfloat16
-    return torch.bfloat16 if fast_bf16(device) else torch.float32
+    return torch.bfloat16 if has_fast_bf16(device) else torch.float32
 
 
 def seed_everything(seed: int) -> None:
@@ -449,7 +432,7 @@ def train(config: TrainConfig) -> TrainResult:
             _log(f"homebake: saved {path}; continue with --resume", None)
     if stopped != "interrupted":
         if stopped == "early_stopping" and state.best_step is not None and state.best_step != state.step:
-            best = out / CHECKPOINTS / f"step-{state.best_step:08d}"
+            best = checkpoint_dir(out, state.best_step)
             load_checkpoint(best, setup.trainable, optimizer, restore_random=False)
             _log(f"homebake: exporting the best checkpoint (step {state.best_step})", None)
         written = write_final_outputs(config, setup, out)

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from ..fsutil import atomic_file
+from ..run_folder import METRICS_FILE, PLOT_FILE, read_metrics
 
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
 GIB = 1024 ** 3
 
 
@@ -46,22 +45,6 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     elif device.type == "mps" and hasattr(torch, "mps"):
         stats["device_gib"] = round(torch.mps.current_allocated_memory() / GIB, 3)
     return stats
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut short by a crash ends the usable log
-    return records
 
 
 class MetricsLog:
@@ -102,7 +85,7 @@ def plot_losses(out_dir: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = read_metrics(Path(out_dir) / METRICS_FILE)
+    records = read_metrics(out_dir)
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if not train and not val:
