@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -97,24 +96,19 @@ def train_config(settings: DemoSettings, train_path: Path, valid_path: Path):
 
 
 def export_gguf(run_dir: Path, out: Path, quant: str, model: str | None) -> Path:
-    """`homebake export RUN --format gguf` (the same code path a user runs)."""
-    from .cli import build_parser
+    """The fine-tune as a GGUF (the export workflow a user runs with `homebake export RUN --format gguf`)."""
+    from .export.workflow import export_model
 
-    argv = ["export", str(run_dir), "--format", "gguf", "--quant", quant, "--out", str(out), "--force",
-            "--name", "homebake-demo"]
-    if model:
-        argv += ["--model", model]
-    args = build_parser().parse_args(argv)
-    with contextlib.redirect_stdout(sys.stderr):  # its file list is progress here; the summary says where it is
-        args.func(args)
-    files = sorted(out.glob("*.gguf"))
-    return files[0]
+    result = export_model(run_dir, "gguf", out, quant=quant, model=model, force=True, name="homebake-demo",
+                          say=lambda message: print(message, file=sys.stderr, flush=True))
+    return next(path for path in result.files if path.suffix == ".gguf")
 
 
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> DemoResult:
     from .evaluate import EvalOptions, comparison_record, run_comparison, write_json
     from .report import write_report
     from .run_folder import COMPARE_FILE
+    from .sources import describe_model
     from .train.loop import train
 
     paths = dataset_paths(settings.data_dir)
@@ -126,7 +120,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Demo
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    say(f"[1/4] fine-tuning {settings.model or 'SmolLM2-135M-Instruct'} (LoRA) on {paths['train']}")
+    say(f"[1/4] fine-tuning {describe_model(settings.model)} (LoRA) on {paths['train']}")
     train_path = _subset(paths["train"], settings.train_examples, out)
     result = train(train_config(settings, train_path, paths["valid"]))
     seconds["train"] = time.perf_counter() - started

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from .errors import ConfigError, DataError
+from .generate import greedy_batch
 from .metrics import (ExampleScore, TaskScores, aggregate, loss_verdict, score_example, task_verdict,
                       verdict_from_pairs)
 
@@ -122,15 +123,14 @@ def dataset_loss(model, examples: list[EvalExample], *, pad_token_id: int, max_s
                  batch_size: int) -> LossResult:
     """Loss at trained positions with the training loss function, per example and overall."""
     from .data.pack import collate, pack_rows
-    from .train.loss import chunked_cross_entropy, shift_targets
+    from .train.loss import head_loss, lm_head, shift_targets
 
     scored = [i for i, e in enumerate(examples) if e.encoded is not None and e.encoded.num_trained > 0]
     encoded = [examples[i].encoded for i in scored]
     per_example: list[float | None] = [None] * len(examples)
     if not encoded:
         return LossResult(None, 0, per_example)
-    head = getattr(model, "head_weight", None)
-    head = head if isinstance(head, torch.Tensor) else model.logits
+    head = lm_head(model)
     device = next(model.parameters()).device
     rows = pack_rows([len(e.ids) for e in encoded], max_seq_len)
     total, count = 0.0, 0
@@ -138,14 +138,12 @@ def dataset_loss(model, examples: list[EvalExample], *, pad_token_id: int, max_s
         batch_rows = rows[start:start + batch_size]
         batch = collate(encoded, batch_rows, pad_token_id).to(device)
         hidden = model(batch.input_ids, position_ids=batch.position_ids)
-        if isinstance(head, torch.Tensor) and hidden.dtype != head.dtype:
-            hidden = hidden.to(head.dtype)
         targets = shift_targets(batch.labels, batch.position_ids)
         for r, row in enumerate(batch_rows):
             offset = 0
             for index in row:
                 end = offset + len(encoded[index].ids)
-                loss_sum, n = chunked_cross_entropy(hidden[r, offset:end], targets[r, offset:end], head)
+                loss_sum, n = head_loss(hidden[r, offset:end], targets[r, offset:end], head)
                 offset = end
                 if n:
                     per_example[scored[index]] = float(loss_sum) / n
@@ -167,47 +165,6 @@ def answer_budget(examples: list[EvalExample], tokenizer, options: EvalOptions) 
 def prompt_ids(tokenizer, example: EvalExample) -> list[int]:
     extra = {"tools": example.tools} if example.tools else {}
     return tokenizer.encode_chat(example.prompt_messages, add_generation_prompt=True, **extra)
-
-
-@torch.inference_mode()
-def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_token_id: int) -> list[list[int]]:
-    """Greedy continuations of several prompts at once (left-padded, one KV cache), each cut at a stop id.
-
-    Decoding one token reads every weight once whatever the batch, so a batch of prompts costs about what
-    one does on a CPU. Padding is hidden from attention (``key_mask``) and positions count real tokens only,
-    so each row computes what it would alone.
-    """
-    stop = set(stop_ids)
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    rows = len(prompts)
-    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    key_mask = torch.zeros((rows, width + max_new_tokens), dtype=torch.bool)
-    for r, prompt in enumerate(prompts):
-        input_ids[r, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        key_mask[r, width - len(prompt):width] = True
-    positions = (key_mask[:, :width].long().cumsum(1) - 1).clamp(min=0)
-    input_ids, key_mask, positions = input_ids.to(device), key_mask.to(device), positions.to(device)
-    cache = model.new_kv_cache(rows, width + max_new_tokens)
-    hidden = model(input_ids, position_ids=positions, kv_cache=cache, key_mask=key_mask[:, :width])
-    next_position = positions[:, -1:] + 1
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = [False] * rows
-    for step in range(max_new_tokens):
-        tokens = model.logits(hidden[:, -1]).argmax(dim=-1)
-        for r, token in enumerate(tokens.tolist()):
-            if not done[r]:
-                if token in stop:
-                    done[r] = True
-                else:
-                    outputs[r].append(token)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        key_mask[:, width + step] = True
-        hidden = model(tokens[:, None], position_ids=next_position, kv_cache=cache,
-                       key_mask=key_mask[:, :width + step + 1])
-        next_position = next_position + 1
-    return outputs
 
 
 def greedy_answers(model, tokenizer, examples: list[EvalExample], max_new_tokens: int, *, batch_size: int = 16,
@@ -303,64 +260,12 @@ def evaluate_model(model, tokenizer, data: EvalData, options: EvalOptions,
 # ---------------------------------------------------------------------------------------------- models
 
 
-@dataclass
-class ModelUnderTest:
-    """The base model ready for inference and, with an adapter, the fine-tuned weights to swap in."""
-
-    loaded: object  # model.load.LoadedModel (base weights on the chosen device/dtype)
-    tuned_state: dict[str, torch.Tensor] | None  # fp32 HF-named weights with the adapter merged
-    description: str  # e.g. "adapter runs/x (lora) on base smollm2-135m-instruct"
-
-    def use_tuned(self) -> None:
-        """Replace the base weights by the fine-tuned ones (in place; the base weights are gone)."""
-        if self.tuned_state is None:
-            return
-        missing, unexpected = self.loaded.model.load_state_dict(self.tuned_state, strict=False)
-        if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
-            raise ConfigError(f"the fine-tuned weights do not fit the model ({(unexpected or missing)[0]})",
-                              where=self.description, fix="pass the base model it was trained on with --model")
-        self.tuned_state = None
-
-
-def open_model(model: str | None, adapter: str | None, *, device: str = "auto", dtype: str = "auto") -> ModelUnderTest:
-    """Load ``model`` and, when ``adapter`` names a PEFT adapter or a training run, its fine-tuned weights.
-
-    The base of an adapter is ``model`` when given, else the adapter's ``base_model_name_or_path``, else the
-    run's config.yaml (as in ``homebake export``). A full fine-tune run brings its own weights.
-    """
-    from .device import pick_device, pick_dtype
-    from .model.load import load_model
-
-    torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device, prefer_bf16=torch_device.type != "cpu")
-    tuned_state, description = None, f"model {model or 'smollm2-135m-instruct (default)'}"
-    if adapter is None:
-        loaded = load_model(model, dtype=torch.float32, device="cpu")
-    else:
-        from .export.source import open_source
-
-        source = open_source(adapter, model=model)
-        if source.kind == "model":
-            raise ConfigError("this is a model, not an adapter or a training run", where=str(adapter),
-                              fix="pass it as --model, or give --adapter a PEFT adapter / training run folder")
-        if source.kind == "adapter":
-            loaded, tuned_state = source.loaded, source.merged_state_dict()
-            description = f"adapter {adapter} ({source.method}) on base {source.base}"
-        else:  # a full fine-tune: the run's weights, the base for comparison from --model
-            tuned_state = {k: v.float() for k, v in source.loaded.model.state_dict().items()}
-            loaded = load_model(model, dtype=torch.float32, device="cpu")
-            description = f"full fine-tune {adapter} (base {model or 'default model'})"
-    loaded.model.to(device=torch_device, dtype=torch_dtype)
-    for param in loaded.model.parameters():
-        param.requires_grad_(False)  # no gradients: the fused loss then skips its backward work
-    loaded.model.eval()
-    return ModelUnderTest(loaded, tuned_state, description)
-
-
 def run_comparison(model: str | None, adapter: str, data_path: str, options: EvalOptions, *, device: str = "auto",
                    dtype: str = "auto", data_format: str = "auto",
                    progress: Callable[[str], Callable[[str], None]] | None = None) -> tuple[EvalResult, EvalResult, str]:
     """Evaluate the base model, swap in the fine-tuned weights, evaluate again: (base, tuned, description)."""
+    from .sources import open_model
+
     subject = open_model(model, adapter, device=device, dtype=dtype)
     loaded = subject.loaded
     data = load_eval_data(data_path, loaded.tokenizer, options, data_format=data_format)
@@ -403,7 +308,9 @@ def _field_share(score: ExampleScore) -> float:
 def comparison_record(model: str | None, adapter: str, data: str, base: EvalResult, tuned: EvalResult) -> dict:
     """What compare.json holds (and what report.html reads)."""
     primary, by_loss = compare_verdicts(base, tuned)
-    return {"model": model or "smollm2-135m-instruct", "adapter": str(adapter), "data": str(data),
+    from .sources import describe_model
+
+    return {"model": describe_model(model), "adapter": str(adapter), "data": str(data),
             "base": base.to_dict(), "tuned": tuned.to_dict(), "verdict": primary, "loss_verdict": by_loss}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -48,12 +48,72 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
 
 
 @torch.inference_mode()
+def decode(model, prompts: list[list[int]], max_new_tokens: int, choose: Callable[[torch.Tensor], list[int]], *,
+           stop_ids: Iterable[int] = (), pad_token_id: int = 0) -> Iterator[list[int | None]]:
+    """The decode loop: every prompt continued one token per step, all in one KV cache.
+
+    ``choose`` maps the (rows, vocab) logits of a step to one token id per row (greedy or sampled). Yields per
+    step the new token of each row — ``None`` for a row that already stopped (a stop id ends its row and is not
+    yielded) — until every row stopped or ``max_new_tokens`` steps were taken. Prompts of different lengths
+    are left-padded; padding is hidden from attention (``key_mask``) and positions count real tokens only, so
+    each row computes what it would alone. Decoding one token reads every weight once whatever the batch, so a
+    batch of prompts costs about what one does on a CPU.
+    """
+    stop = set(stop_ids)
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    rows = len(prompts)
+    ragged = any(len(p) != width for p in prompts)
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    key_mask = torch.zeros((rows, width + max_new_tokens), dtype=torch.bool)
+    for r, prompt in enumerate(prompts):
+        input_ids[r, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        key_mask[r, width - len(prompt):width] = True
+    positions = (key_mask[:, :width].long().cumsum(1) - 1).clamp(min=0)
+    input_ids, key_mask, positions = input_ids.to(device), key_mask.to(device), positions.to(device)
+    cache = model.new_kv_cache(rows, width + max_new_tokens)
+    # Without padding the plain causal path is exact (and the fastest kernel).
+    hidden = model(input_ids, position_ids=positions, kv_cache=cache,
+                   key_mask=key_mask[:, :width] if ragged else None)
+    next_position = positions[:, -1:] + 1
+    done = [False] * rows
+    for step in range(max_new_tokens):
+        tokens = choose(model.logits(hidden[:, -1]))
+        new: list[int | None] = []
+        for r, token in enumerate(tokens):
+            if not done[r] and token in stop:
+                done[r] = True
+            new.append(None if done[r] else token)
+        if all(done):
+            return
+        yield new
+        if step == max_new_tokens - 1:
+            return
+        key_mask[:, width + step] = True
+        hidden = model(torch.tensor(tokens, device=device)[:, None], position_ids=next_position, kv_cache=cache,
+                       key_mask=key_mask[:, :width + step + 1] if ragged else None)
+        next_position = next_position + 1
+
+
+def greedy(logits: torch.Tensor) -> list[int]:
+    return logits.argmax(dim=-1).tolist()
+
+
+def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_token_id: int) -> list[list[int]]:
+    """Greedy continuations of several prompts at once, each cut at a stop id (see :func:`decode`)."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for tokens in decode(model, prompts, max_new_tokens, greedy, stop_ids=stop_ids, pad_token_id=pad_token_id):
+        for row, token in zip(outputs, tokens):
+            if token is not None:
+                row.append(token)
+    return outputs
+
+
 def generate_ids(model, prompt_ids: list[int], config: SamplingConfig, stop_ids: Iterable[int] = ()) -> Iterator[int]:
     """Yield new token ids one at a time; stops at any of ``stop_ids`` (not yielded) or the token limit."""
     config.validate()
     if not prompt_ids:
         raise ConfigError("the prompt is empty", where="--prompt", fix="give some text to continue")
-    stop = set(stop_ids)
     context = getattr(model.args, "max_position_embeddings", None) or len(prompt_ids) + config.max_new_tokens
     budget = min(config.max_new_tokens, context - len(prompt_ids))
     if budget < 1:
@@ -62,15 +122,12 @@ def generate_ids(model, prompt_ids: list[int], config: SamplingConfig, stop_ids:
     generator = None
     if config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)
-    device = next(model.parameters()).device
-    cache = model.new_kv_cache(1, len(prompt_ids) + budget)
-    hidden = model(torch.tensor([prompt_ids], device=device), kv_cache=cache)
-    for _ in range(budget):
-        token = sample_next(model.logits(hidden[0, -1]).cpu(), config, generator)
-        if token in stop:
-            return
+
+    def choose(logits: torch.Tensor) -> list[int]:
+        return [sample_next(row.cpu(), config, generator) for row in logits]
+
+    for (token,) in decode(model, [prompt_ids], budget, choose, stop_ids=stop_ids):
         yield token
-        hidden = model(torch.tensor([[token]], device=device), kv_cache=cache)
 
 
 def stream_text(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:

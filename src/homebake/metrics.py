@@ -207,3 +207,89 @@ def loss_verdict(before: Sequence[float], after: Sequence[float], *, before_loss
     wins = sum(1 for b, a in zip(before, after) if a < b - tolerance)
     losses = sum(1 for b, a in zip(before, after) if a > b + tolerance)
     return verdict_from_pairs("validation loss", before_loss, after_loss, wins, losses, unit="nats")
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+# The one before/after table, rendered as text by `homebake eval`/`compare` and as HTML by report.html.
+METRIC_ROWS = (  # (label, key path in an EvalResult dict, kind, lower is better)
+    ("validation loss (per trained token)", ("loss",), "num", True),
+    ("perplexity", ("perplexity",), "num", True),
+    ("exact match", ("task", "exact_match"), "pct", False),
+    ("normalised match", ("task", "normalized_match"), "pct", False),
+    ("valid JSON", ("task", "valid_json"), "pct", False),
+    ("per-field match (all fields)", ("task", "field_accuracy"), "pct", False),
+)
+INFO_ROWS = (("generation speed (tokens/s)", ("generation_tokens_per_s",)), ("evaluation time (s)", ("seconds",)))
+
+
+@dataclass
+class MetricRow:
+    label: str
+    values: list[Any]  # one per result column (None: not measured)
+    kind: str  # "pct" (a share, shown in %), "num", or "info" (context, no change shown)
+    lower_is_better: bool = False
+    field_name: str | None = None  # a per-field row of the JSON match
+
+    def change(self) -> float | None:
+        """after - before for two columns of a metric (None otherwise)."""
+        if self.kind == "info" or len(self.values) != 2:
+            return None
+        before, after = self.values
+        if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
+            return None
+        return after - before
+
+    def improved(self) -> bool | None:
+        diff = self.change()
+        if not diff:
+            return None
+        return diff < 0 if self.lower_is_better else diff > 0
+
+
+def _get(data: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def metric_rows(results: Sequence[dict]) -> list[MetricRow]:
+    """The rows of the before/after table for one or more result dicts (``EvalResult.to_dict()``), skipping
+    metrics none of them has: the task metrics, then one row per JSON field, then speed and time."""
+    rows = []
+    for label, path, kind, lower in METRIC_ROWS:
+        values = [_get(result, path) for result in results]
+        if any(v is not None for v in values):
+            rows.append(MetricRow(label, values, kind, lower))
+    fields: dict[str, None] = {}
+    for result in reversed(results):  # the fine-tuned model's field order first
+        fields.update(dict.fromkeys(_get(result, ("task", "per_field")) or {}))
+    for name in fields:
+        values = [_get(result, ("task", "per_field", name)) for result in results]
+        rows.append(MetricRow(f"field {name}", values, "pct", False, field_name=name))
+    for label, path in INFO_ROWS:
+        values = [_get(result, path) for result in results]
+        if any(v is not None for v in values):
+            rows.append(MetricRow(label, values, "info"))
+    return rows
+
+
+def format_value(value: Any, kind: str) -> str:
+    if value is None:
+        return "—"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "info":
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return str(value)
+
+
+def format_change(row: MetricRow) -> str:
+    diff = row.change()
+    if diff is None:
+        return ""
+    return f"{100 * diff:+.1f} pts" if row.kind == "pct" else f"{diff:+.4f}"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .fsutil import atomic_file
+from .metrics import format_change, format_value, metric_rows
 from .run_folder import COMPARE_FILE, CONFIG_FILE, METRICS_FILE, REPORT_FILE, read_metrics
 
 MAX_SAMPLES = 25
@@ -172,56 +173,21 @@ def _fmt(value: Any, kind: str = "") -> str:
     return esc(value)
 
 
-def _delta(before: Any, after: Any, kind: str, lower_is_better: bool) -> str:
-    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
-        return "—"
-    diff = after - before
-    text = f"{100 * diff:+.1f} pts" if kind == "pct" else f"{diff:+.4g}"
-    good = diff < 0 if lower_is_better else diff > 0
-    css = "good" if good and diff else "bad" if diff else "muted"
-    return f'<span class="{css}">{text}</span>'
-
-
-METRIC_ROWS = (  # (label, key path, format, lower is better)
-    ("validation loss (per trained token)", ("loss",), "", True),
-    ("perplexity", ("perplexity",), "", True),
-    ("exact match", ("task", "exact_match"), "pct", False),
-    ("normalised match", ("task", "normalized_match"), "pct", False),
-    ("valid JSON", ("task", "valid_json"), "pct", False),
-    ("per-field match (all fields)", ("task", "field_accuracy"), "pct", False),
-)
-
-
-def _get(data: dict | None, path: Sequence[str]) -> Any:
-    for key in path:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
-
-
 def before_after_table(comparison: dict) -> str:
+    """The before/after table (homebake.metrics.metric_rows, as in the terminal) in HTML."""
     base, tuned = comparison.get("base") or {}, comparison.get("tuned") or {}
     rows = []
-    for label, path, kind, lower in METRIC_ROWS:
-        before, after = _get(base, path), _get(tuned, path)
-        if before is None and after is None:
-            continue
-        rows.append(f"<tr><th>{esc(label)}</th><td>{_fmt(before, kind)}</td><td>{_fmt(after, kind)}</td>"
-                    f"<td>{_delta(before, after, kind, lower)}</td></tr>")
-    fields = list((_get(tuned, ("task", "per_field")) or {}) or (_get(base, ("task", "per_field")) or {}))
-    for name in fields:
-        before = _get(base, ("task", "per_field", name))
-        after = _get(tuned, ("task", "per_field", name))
-        rows.append(f'<tr class="field"><th>field <code>{esc(name)}</code></th><td>{_fmt(before, "pct")}</td>'
-                    f"<td>{_fmt(after, 'pct')}</td><td>{_delta(before, after, 'pct', False)}</td></tr>")
-    speed = [(label, _get(base, (key,)), _get(tuned, (key,))) for label, key in (
-        ("generation speed (tokens/s)", "generation_tokens_per_s"), ("evaluation time (s)", "seconds"))]
-    for label, before, after in speed:
-        if before is not None or after is not None:
-            rows.append(f'<tr class="field"><th>{esc(label)}</th><td>{_fmt(before)}</td><td>{_fmt(after)}</td>'
-                        "<td></td></tr>")
-    count = _get(tuned, ("examples",)) or _get(base, ("examples",))
+    for row in metric_rows([base, tuned]):
+        label = f"field <code>{esc(row.field_name)}</code>" if row.field_name else esc(row.label)
+        css = ' class="field"' if row.field_name or row.kind == "info" else ""
+        improved = row.improved()
+        change = format_change(row)
+        change_css = "muted" if improved is None else "good" if improved else "bad"
+        rows.append(f"<tr{css}><th>{label}</th>" + "".join(f"<td>{esc(format_value(v, row.kind))}</td>"
+                                                          for v in row.values)
+                    + (f'<td><span class="{change_css}">{esc(change)}</span></td>' if change else "<td></td>")
+                    + "</tr>")
+    count = tuned.get("examples") or base.get("examples")
     caption = f"{count} held-out examples" if count else "held-out examples"
     return (f'<table class="metrics" id="before-after"><caption>{esc(caption)}</caption>'
             "<thead><tr><th></th><th>base</th><th>fine-tuned</th><th>change</th></tr></thead>"

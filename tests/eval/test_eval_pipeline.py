@@ -11,9 +11,9 @@ from chromium import find_chromium, render_page
 
 from homebake.cli import main
 from homebake.demo import DemoSettings, run_demo, summary_lines
-from homebake.evaluate import (EvalOptions, dataset_loss, evaluate_model, greedy_batch, load_eval_data,
-                               open_model)
-from homebake.generate import SamplingConfig, generate_ids
+from homebake.evaluate import EvalOptions, dataset_loss, evaluate_model, load_eval_data
+from homebake.generate import SamplingConfig, generate_ids, greedy_batch
+from homebake.sources import open_model
 from homebake.model.load import load_model
 
 

@@ -84,7 +84,7 @@ def cli(capsys):
 
 def merged_reference(run_dir: Path):
     """The homebake model with the run's adapter merged (fp32), and its tokenizer."""
-    from homebake.export.source import open_source
+    from homebake.sources import open_source
 
     source = open_source(run_dir)
     model = source.loaded.model

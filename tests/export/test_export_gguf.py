@@ -37,7 +37,7 @@ def export_gguf(cli, source, out, quant):
 
 @pytest.fixture(scope="module")
 def reference(lora_run):
-    from homebake.export.source import open_source
+    from homebake.sources import open_source
 
     source = open_source(lora_run)
     state = source.merged_state_dict()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..default_model import DEFAULT_MODEL_NAME
+
 
 def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "auto") -> None:
     parser.add_argument("--model", "-m", default=None,
-                        help="HF folder, .gguf file, hub id, or smollm2-135m-instruct (the default)")
+                        help=f"HF folder, .gguf file, hub id, or {DEFAULT_MODEL_NAME} (the default)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default=dtype_default,
                         help="auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16")
@@ -22,17 +24,6 @@ def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
 
 def load_for_inference(args):
     """Load the model named by --model (with --adapter merged in, if given) onto --device in --dtype."""
-    if getattr(args, "adapter", None):
-        from ..evaluate import open_model
+    from ..sources import open_for_inference
 
-        subject = open_model(args.model, args.adapter, device=args.device, dtype=args.dtype)
-        subject.use_tuned()
-        return subject.loaded
-    from ..device import pick_device, pick_dtype
-    from ..model.load import load_model
-
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device, prefer_bf16=device.type != "cpu")
-    loaded = load_model(args.model, dtype=dtype, device=device)
-    loaded.model.eval()
-    return loaded
+    return open_for_inference(args.model, getattr(args, "adapter", None), device=args.device, dtype=args.dtype)

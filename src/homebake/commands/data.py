@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..data.config import FORMATS, TRAIN_ON, TRUNCATION, DataConfig
+from ..default_model import DEFAULT_MODEL_NAME
 from ..errors import ConfigError, DataError
 
 
@@ -24,7 +25,7 @@ def register(subparsers) -> None:
     check.add_argument("paths", nargs="+", metavar="FILE", help=helps["paths"])
     check.add_argument("--model", "-m", default=None,
                        help="whose tokenizer and chat template to use: HF folder, .gguf file, hub id, or "
-                            "smollm2-135m-instruct (the default)")
+                            f"{DEFAULT_MODEL_NAME} (the default)")
     check.add_argument("--validation", default=None, help=helps["validation"])
     check.add_argument("--format", default=defaults.format, choices=FORMATS, help=helps["format"])
     check.add_argument("--field", action="append", default=[], metavar="OURS=YOURS", help=helps["fields"])

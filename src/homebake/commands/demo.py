@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..default_model import DEFAULT_MODEL_NAME
+
 
 def register(subparsers) -> None:
     from ..demo import DATA_DIR, DemoSettings
@@ -16,7 +18,7 @@ def register(subparsers) -> None:
                     "write report.html and print the verdict and where everything is.")
     parser.add_argument("--out", "-o", type=Path, default=defaults.out, help="folder for the run and its outputs")
     parser.add_argument("--overwrite", action="store_true", help="run again in an existing --out folder")
-    parser.add_argument("--model", "-m", default=None, help="model to fine-tune (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", "-m", default=None, help=f"model to fine-tune (default: {DEFAULT_MODEL_NAME})")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR,
                         help="folder with train.jsonl, valid.jsonl and test.jsonl (default: examples/extract)")
     parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps")

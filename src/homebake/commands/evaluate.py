@@ -8,16 +8,6 @@ from pathlib import Path
 
 from .common import add_model_args
 
-METRIC_LINES = (  # (label, key in the result dict or its "task" dict, format)
-    ("validation loss", "loss", "num"),
-    ("perplexity", "perplexity", "num"),
-    ("exact match", "exact_match", "pct"),
-    ("normalised match", "normalized_match", "pct"),
-    ("valid JSON", "valid_json", "pct"),
-    ("per-field match", "field_accuracy", "pct"),
-)
-
-
 def _add_eval_args(parser, *, adapter_required: bool) -> None:
     add_model_args(parser)
     parser.add_argument("--adapter", "-a", required=adapter_required, default=None,
@@ -76,47 +66,23 @@ def _progress(label: str):
     return say
 
 
-def _value(result: dict, key: str):
-    return result.get(key) if key in result else (result.get("task") or {}).get(key)
-
-
-def _format(value, kind: str) -> str:
-    if value is None:
-        return "—"
-    return f"{100 * value:.1f}%" if kind == "pct" else f"{value:.4f}"
-
-
-def _change(before, after, kind: str) -> str:
-    if before is None or after is None:
-        return ""
-    return f"{100 * (after - before):+.1f} pts" if kind == "pct" else f"{after - before:+.4f}"
-
-
 def metrics_table(columns: list[tuple[str, dict]]) -> str:
-    """Rows of metrics, one column per result (a change column when there are two)."""
+    """The before/after table (homebake.metrics.metric_rows) as text: one column per result, a change column
+    when there are two."""
+    from ..metrics import format_change, format_value, metric_rows
+
     header = ["metric"] + [name for name, _ in columns] + (["change"] if len(columns) == 2 else [])
     rows = [header]
-    for label, key, kind in METRIC_LINES:
-        values = [_value(result, key) for _, result in columns]
-        if all(v is None for v in values):
-            continue
-        row = [label] + [_format(v, kind) for v in values]
+    for row in metric_rows([result for _, result in columns]):
+        label = f"  {row.label}" if row.field_name else row.label
+        cells = [label] + [format_value(v, row.kind) for v in row.values]
         if len(columns) == 2:
-            row.append(_change(values[0], values[1], kind))
-        rows.append(row)
-    fields = {}
-    for _, result in columns:
-        fields.update(dict.fromkeys(((result.get("task") or {}).get("per_field") or {})))
-    for name in fields:
-        values = [((result.get("task") or {}).get("per_field") or {}).get(name) for _, result in columns]
-        row = [f"  field {name}"] + [_format(v, "pct") for v in values]
-        if len(columns) == 2:
-            row.append(_change(values[0], values[1], "pct"))
-        rows.append(row)
+            cells.append(format_change(row))
+        rows.append(cells)
     widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
              for row in rows]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def samples_text(samples_by_name: list[tuple[str, list[dict]]], limit: int) -> str:
@@ -145,7 +111,8 @@ def _data_note(result: dict, data: str) -> str:
 
 
 def run_eval(args) -> int:
-    from ..evaluate import evaluate_model, load_eval_data, open_model, write_json
+    from ..evaluate import evaluate_model, load_eval_data, write_json
+    from ..sources import describe_model, open_model
 
     options = _options(args)
     subject = open_model(args.model, args.adapter, device=args.device, dtype=args.dtype)
@@ -153,7 +120,7 @@ def run_eval(args) -> int:
     loaded = subject.loaded
     data = load_eval_data(args.data, loaded.tokenizer, options, data_format=args.format)
     result = evaluate_model(loaded.model, loaded.tokenizer, data, options, progress=_progress("eval")).to_dict()
-    record = {"model": args.model or "smollm2-135m-instruct", "adapter": args.adapter, "data": args.data, **result}
+    record = {"model": describe_model(args.model), "adapter": args.adapter, "data": args.data, **result}
     if args.out:
         path = write_json(Path(args.out) / "eval.json", record)
         print(f"homebake: wrote {path}", file=sys.stderr)

@@ -21,6 +21,7 @@ import yaml
 
 from ..adapters.config import LoraConfig
 from ..data.config import DataConfig
+from ..default_model import DEFAULT_MODEL_NAME
 from ..errors import ConfigError
 from ..run_folder import CONFIG_FILE
 
@@ -36,7 +37,7 @@ def _help(text: str) -> dict:
 @dataclass
 class TrainConfig:
     model: str | None = field(default=None, metadata=_help(
-        "model to fine-tune: HF folder, .gguf file, hub id, or smollm2-135m-instruct (the default)"))
+        f"model to fine-tune: HF folder, .gguf file, hub id, or {DEFAULT_MODEL_NAME} (the default)"))
     method: str = field(default="lora", metadata=_help(
         "lora, dora (weight-decomposed LoRA), qlora (LoRA over an NF4-quantised frozen base) or full"))
     out: str = field(default="homebake-run", metadata=_help(

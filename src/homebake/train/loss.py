@@ -131,3 +131,28 @@ def chunked_cross_entropy(
             part = _callable_head_loss(part_rows, part_tgt, head)
         total = part if total is None else total + part
     return total, count
+
+
+def lm_head(model) -> Head:
+    """The LM head for the loss: the model's (V, H) ``head_weight`` matrix (the fused fast path), else
+    ``model.logits`` (a head that is not a plain matrix, e.g. one with logit soft-capping)."""
+    weight = getattr(model, "head_weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.ndim == 2 else model.logits
+
+
+def head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: Head, *, compute_dtype: torch.dtype | None = None,
+              chunk_rows: int | None = None) -> tuple[torch.Tensor, int]:
+    """:func:`chunked_cross_entropy` under the run's precision, for training and evaluation alike.
+
+    A matrix head stored in the compute dtype (frozen bf16 weights) gets the hidden states cast to it (only
+    trained rows are used, so the cast is cheap); an fp32 master head (full fine-tune) is cast per chunk
+    inside the fused loss instead. A callable head runs under autocast. ``compute_dtype`` None: the head's own.
+    """
+    if isinstance(head, torch.Tensor):
+        if hidden.dtype != head.dtype and (compute_dtype is None or head.dtype == compute_dtype):
+            hidden = hidden.to(head.dtype)
+        return chunked_cross_entropy(hidden, targets, head, chunk_rows=chunk_rows)
+    if compute_dtype is None or compute_dtype == torch.float32:
+        return chunked_cross_entropy(hidden, targets, head, chunk_rows=chunk_rows)
+    with torch.autocast(hidden.device.type, dtype=compute_dtype):
+        return chunked_cross_entropy(hidden, targets, head, chunk_rows=chunk_rows)
