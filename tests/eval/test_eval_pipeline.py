@@ -47,7 +47,7 @@ def test_batched_greedy_stops_each_row_at_its_own_end_token(tiny):
 
 def test_dataset_loss_equals_training_validation_loss(tiny, extract_dir):
     from homebake.train.data_stream import evaluation_batches
-    from homebake.train.loop import StepRunner
+    from homebake.train.step import StepRunner
 
     data = load_eval_data(str(extract_dir / "valid.jsonl"), tiny.tokenizer, EvalOptions())
     assert all(e.reference is not None and e.reference.startswith('{"name"') for e in data.examples)

@@ -12,6 +12,9 @@ from homebake.train import loop
 from homebake.train.checkpoint import TrainerState, list_checkpoints
 from homebake.train.data_stream import evaluation_batches
 from homebake.train.metrics import read_metrics
+from homebake.train.policies import EvalPolicy
+from homebake.train.setup import build_model, load_examples
+from homebake.train.step import StepRunner
 
 
 def train_losses(out):
@@ -34,13 +37,13 @@ def test_accumulation_2x4_equals_1x8(tiny_model_dir, tiny_data, tmp_path):
 
 def test_packed_loss_and_gradients_equal_unpacked(tiny_model_dir, tiny_data, tmp_path):
     config = tiny_config(tiny_model_dir, tiny_data, tmp_path, lora={"dropout": 0.0})
-    setup = loop.build_model(config, torch.device("cpu"), torch.float32)
+    setup = build_model(config, torch.device("cpu"), torch.float32)
     with torch.no_grad():  # a non-zero adapter, so the adapter path is part of the comparison
         for name, param in setup.trainable.items():
             param.normal_(0, 0.05)
-    examples, _, _ = loop.load_examples(config, setup.loaded.tokenizer)
+    examples, _, _ = load_examples(config, setup.loaded.tokenizer)
     examples = examples[:12]
-    runner = loop.StepRunner(setup.model, setup.head_weight, torch.float32, torch.device("cpu"), 7)
+    runner = StepRunner(setup.model, setup.head_weight, torch.float32, torch.device("cpu"), 7)
     results = []
     for packing in (True, False):
         batches = evaluation_batches(examples, batch_size=64, max_seq_len=160,
@@ -63,7 +66,7 @@ def test_lora_with_zero_b_equals_the_base_forward(tiny_model_dir, tiny_data, tmp
     from homebake.model.load import load_model
 
     config = tiny_config(tiny_model_dir, tiny_data, tmp_path)
-    setup = loop.build_model(config, torch.device("cpu"), torch.float32)
+    setup = build_model(config, torch.device("cpu"), torch.float32)
     setup.model.eval()
     base = load_model(str(tiny_model_dir)).model.eval()
     ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -157,8 +160,8 @@ def test_early_stopping_bookkeeping(tiny_model_dir, tiny_data, tmp_path):
     improved = []
     for step, _ in enumerate([3.0, 2.5, 2.495, 2.6, 2.0], start=1):
         state.step = step
-        improved.append(loop._evaluate(FakeRunner([[3.0, 2.5, 2.495, 2.6, 2.0][step - 1]]), [1], state, config,
-                                       Log(), None))
+        improved.append(loop._evaluate(FakeRunner([[3.0, 2.5, 2.495, 2.6, 2.0][step - 1]]), [1], state,
+                                       EvalPolicy.from_config(config), Log(), None))
     assert improved == [True, True, False, False, True]
     assert (state.best_step, state.best_val_loss, state.evals_without_improvement) == (5, 2.0, 0)
     assert math.isclose(state.val_loss, 2.0)
@@ -176,7 +179,7 @@ def test_qlora_trains_over_an_nf4_base(tiny_model_dir, tiny_data, tmp_path):
 
     config = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", method="qlora", max_steps=4,
                          data={"validation_fraction": 0.0})
-    setup = loop.build_model(config, torch.device("cpu"), torch.float32)
+    setup = build_model(config, torch.device("cpu"), torch.float32)
     modules = lora_modules(setup.model)
     assert modules and all(m.weight_nf4 is not None and m.weight is None for m in modules.values())
     result = loop.train(config)
@@ -192,7 +195,7 @@ def test_epoch_limit_covers_the_data_once(tiny_model_dir, tiny_data, tmp_path):
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert records[-1]["epoch"] == 1.0 and result.step == len(records)
     config = tiny_config(tiny_model_dir, tiny_data, out, batch_size=3, data={"validation_fraction": 0.0})
-    setup = loop.build_model(config, torch.device("cpu"), torch.float32)
-    examples, _, _ = loop.load_examples(config, setup.loaded.tokenizer)
+    setup = build_model(config, torch.device("cpu"), torch.float32)
+    examples, _, _ = load_examples(config, setup.loaded.tokenizer)
     rows = evaluation_batches(examples, batch_size=1, max_seq_len=160, pad_token_id=0, packing=True)
     assert sum(r["tokens"] for r in records) == sum(b.num_real_tokens for b in rows)  # every token exactly once

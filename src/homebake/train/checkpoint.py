@@ -11,6 +11,11 @@ Layout of ``<out>/checkpoints/step-00000120/``:
 
 Each directory appears only once complete (``fsutil.atomic_dir``), so a crash at any moment leaves
 the previous checkpoints intact and never a half-written one that resume could pick up.
+
+``Checkpointer`` is the run's one owner of its checkpoints: it decides with a ``CheckpointPolicy``
+when to save, writes the trainable weights, optimizer, RNGs and data position (plus the PEFT-format
+``adapter/`` copy), prunes to the last K and the best, remembers the step it last saved, and loads
+a checkpoint back (the best one, for early stopping's export).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,7 +36,7 @@ from ..fsutil import atomic_dir
 from ..run_folder import CHECKPOINT_STATE as STATE_FILE
 from ..run_folder import checkpoint_dir, latest_checkpoint, list_checkpoints
 
-__all__ = ["TrainerState", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
+__all__ = ["Checkpointer", "TrainerState", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
            "save_checkpoint"]
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -170,3 +176,54 @@ def prune_checkpoints(out_dir: str | Path, keep_last: int, best_step: int | None
         shutil.rmtree(trash, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+class Checkpointer:
+    """Saves, prunes and reloads one run's checkpoints under ``out/checkpoints``.
+
+    ``stream`` is the training batch stream (its ``epoch`` and ``index`` are the data position saved
+    with each checkpoint); ``write_adapter(folder)``, when given, writes the PEFT-format adapter into
+    each checkpoint's ``adapter/``; ``policy`` (a ``CheckpointPolicy``) says when to save and how
+    many to keep; ``last_saved`` is the step of the newest checkpoint this run holds (-1: none yet).
+    """
+
+    def __init__(self, out_dir: str | Path, trainable: dict[str, torch.nn.Parameter],
+                 optimizer: torch.optim.Optimizer, stream, policy, *,
+                 write_adapter: Callable[[Path], None] | None = None, last_saved: int = -1):
+        self.out = Path(out_dir)
+        self.trainable = trainable
+        self.optimizer = optimizer
+        self.stream = stream
+        self.policy = policy
+        self.write_adapter = write_adapter
+        self.last_saved = last_saved
+
+    def save(self, state: TrainerState) -> Path:
+        """A checkpoint of ``state.step`` now; then prune to the last ``keep_last`` and the best."""
+        state.epoch, state.batch_in_epoch = self.stream.epoch, self.stream.index
+        extra = self._adapter_copy if self.write_adapter is not None else None
+        path = save_checkpoint(self.out, state, self.trainable, self.optimizer, extra_files=extra)
+        prune_checkpoints(self.out, self.policy.keep_last, state.best_step)
+        self.last_saved = state.step
+        return path
+
+    def _adapter_copy(self, folder: Path) -> None:
+        self.write_adapter(folder / "adapter")
+
+    def maybe_save(self, state: TrainerState, *, final: bool, improved: bool) -> Path | None:
+        """Save when the policy says so (final step, improvement, every ``save_every``)."""
+        if self.policy.due(state.step, final=final, improved=improved):
+            return self.save(state)
+        return None
+
+    def save_if_unsaved(self, state: TrainerState) -> Path | None:
+        """Save ``state.step`` unless it already is (a run that stopped between checkpoints)."""
+        return self.save(state) if self.last_saved != state.step else None
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.out)
+
+    def restore(self, step: int) -> TrainerState:
+        """Load checkpoint ``step`` into the parameters and optimizer (random states left as they are)."""
+        return load_checkpoint(checkpoint_dir(self.out, step), self.trainable, self.optimizer,
+                               restore_random=False)

@@ -1,0 +1,89 @@
+"""What a run writes besides checkpoints and metrics: the final adapter or model, and the header it prints.
+
+- ``adapter_writer(config, model)``: a function writing the PEFT-format adapter
+  (``homebake.adapters.peft.save_peft_adapter``) into a new folder; None for a full fine-tune. The
+  checkpointer uses it for each checkpoint's ``adapter/`` copy, ``write_final_outputs`` for the run's own.
+- ``write_final_outputs(config, model, out)``: the adapter files directly in ``out`` (each file replaced
+  atomically), or the full model as an HF folder in ``out/model`` (``homebake.model.save.save_hf_model``).
+- ``print_header(setup)``: trainable parameters, the memory plan, and one line describing the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..run_folder import FULL_MODEL_DIR
+from .config import TrainConfig
+from .plan import GIB, available_memory, estimate_memory
+from .setup import ModelSetup, TrainingSetup
+
+
+def adapter_writer(config: TrainConfig, setup: ModelSetup) -> Callable[[Path], None] | None:
+    """A function writing the PEFT-format adapter into a new folder (None for a full fine-tune)."""
+    if config.method == "full":
+        return None
+    from ..adapters.lora import lora_state_dict
+    from ..adapters.peft import save_peft_adapter
+
+    base = str(config.model) if config.model else str(setup.loaded.source_path)
+
+    def write(folder: Path) -> None:
+        save_peft_adapter(folder, lora_state_dict(setup.model), config.lora, base, overwrite=True)
+
+    return write
+
+
+def write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path) -> list[Path]:
+    """The adapter files (PEFT format) directly in ``out``, or the full model in ``out/model``."""
+    writer = adapter_writer(config, setup)
+    if writer is not None:
+        staging = out / ".adapter.tmp"
+        writer(staging)
+        written = []
+        for item in sorted(staging.iterdir()):
+            os.replace(item, out / item.name)  # each file appears complete or not at all
+            written.append(out / item.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        return written
+    from ..model.save import save_hf_model
+
+    target = out / FULL_MODEL_DIR
+    save_hf_model(setup.loaded, target, state_dict=setup.model.state_dict(), overwrite=True)
+    return [target]
+
+
+def print_header(setup: TrainingSetup) -> None:
+    """The run's opening lines on stderr: parameters, the memory plan (and a warning if it may not fit), the plan."""
+    config, model = setup.config, setup.model
+    try:
+        from ..adapters import describe_parameters
+
+        print(describe_parameters(model.model), file=sys.stderr)
+    except ImportError:
+        n_train = sum(p.numel() for p in model.trainable.values())
+        n_total = sum(p.numel() for p in model.model.parameters())
+        print(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / max(1, n_total):.3f}%)",
+              file=sys.stderr)
+    args = model.loaded.args
+    plan = estimate_memory(
+        model.model, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_layers=args.num_hidden_layers, vocab_size=args.vocab_size,
+        tokens_per_micro_batch=config.batch_size * config.data.max_seq_len,
+        activation_bytes=torch.finfo(setup.compute_dtype).bits // 8,
+        gradient_checkpointing=config.gradient_checkpointing,
+        adapter_dropout=config.method != "full" and config.lora.dropout > 0,
+        head_chunk_rows=setup.runner.chunk_rows)
+    free = available_memory(setup.device)
+    print(plan.describe() + (f"; {free / GIB:.1f} GiB available" if free else ""), file=sys.stderr)
+    if free and plan.total > free:
+        print("homebake: warning: this run may not fit; lower --batch-size or --max-seq-len, or add "
+              "--gradient-checkpointing", file=sys.stderr)
+    print(f"{config.method} on {setup.device.type} in {str(setup.compute_dtype).replace('torch.', '')}; "
+          f"{setup.data_summary}; {setup.stream.batches_per_epoch} batches/epoch of {config.batch_size} rows; "
+          f"{setup.total_steps} steps; {len(setup.eval_batches)} validation batches", file=sys.stderr)

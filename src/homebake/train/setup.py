@@ -1,0 +1,216 @@
+"""Everything a training run needs before its first step, built from a ``TrainConfig``.
+
+``setup_training(config) -> TrainingSetup``, in this order: validate the config, check the output
+folder against --resume/--overwrite (``prepare_out_dir``), pick the device and compute dtype
+(``compute_dtype_for``), seed, build the model and its adapters (``build_model``), load and encode the
+data (``load_examples``), write ``config.yaml``, build the batch stream, the evaluation batches, the
+learning-rate schedule, the optimizer (``make_optimizer``) and the step runner, and, when resuming,
+load the checkpoint into the trainable parameters, the optimizer, the RNGs and the data position.
+Nothing here runs a training step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..device import has_fast_bf16, pick_device, supports_bf16
+from ..errors import ConfigError
+from ..run_folder import latest_checkpoint, previous_run_files
+from .checkpoint import TrainerState, load_checkpoint
+from .config import TrainConfig
+from .data_stream import BatchStream, evaluation_batches
+from .schedule import LRSchedule
+from .step import StepRunner
+
+
+def prepare_out_dir(config: TrainConfig) -> Path | None:
+    """Check the --out folder against --resume/--overwrite; return the checkpoint to resume from."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("the output path is a file", where=f"out {out}", fix="choose a folder for --out")
+    previous = previous_run_files(out)
+    if config.resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            print(f"homebake: no checkpoint in {out} yet; starting from the beginning", file=sys.stderr)
+        return checkpoint
+    if previous:
+        if not config.overwrite:
+            raise ConfigError("the output folder already holds a training run", where=f"out {out}",
+                              fix="pass --resume to continue it, --overwrite to start over, or another --out")
+        for path in previous:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return None
+
+
+def compute_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """fp32 or bf16 from --precision (auto: bf16 where ``device.has_fast_bf16`` says it is fast)."""
+    if config.precision == "fp32":
+        return torch.float32
+    if config.precision == "bf16":
+        if not supports_bf16(device):
+            raise ConfigError(f"{device.type} does not support bf16", where="precision", fix="use --precision fp32")
+        if not has_fast_bf16(device):
+            print("homebake: warning: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 will be much slower "
+                  "than --precision fp32", file=sys.stderr)
+        return torch.bfloat16
+    return torch.bfloat16 if has_fast_bf16(device) else torch.float32
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class ModelSetup:
+    loaded: object  # homebake.model.load.LoadedModel
+    model: torch.nn.Module
+    trainable: dict[str, torch.nn.Parameter]
+    head_weight: torch.Tensor | None
+
+
+def head_weight_of(model: torch.nn.Module) -> torch.Tensor | None:
+    """The LM head matrix (V, H) for the fused loss (the model's ``head_weight``: lm_head or tied embedding).
+
+    None when the model's head is not a plain matrix; the loss then calls ``model.logits`` per chunk.
+    """
+    weight = getattr(model, "head_weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
+
+
+def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.dtype) -> ModelSetup:
+    """Load the base model and make it trainable: LoRA/DoRA (over an NF4 base for QLoRA) or every weight."""
+    from ..model.load import load_model
+
+    full = config.method == "full"
+    # Frozen weights live in the compute dtype; a full fine-tune keeps fp32 weights (the AdamW master copy).
+    storage_dtype = torch.float32 if full else compute_dtype
+    loaded = load_model(config.model, dtype=storage_dtype, device=device)
+    model = loaded.model
+    if not full:
+        from ..adapters.lora import inject_lora
+
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if config.method == "qlora":
+            from ..adapters.lora import quantize_base_to_nf4
+
+            quantize_base_to_nf4(model, config.lora.target_modules)
+        inject_lora(model, config.lora)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ConfigError("nothing to train: no parameter requires a gradient", where="lora.target_modules",
+                          fix="check that the target module names exist in this model (or use all-linear)")
+    with torch.no_grad():
+        for param in trainable.values():
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing = True
+    model.train()
+    return ModelSetup(loaded, model, trainable, head_weight_of(model))
+
+
+def load_examples(config: TrainConfig, tokenizer) -> tuple[list, list, str]:
+    """Training and validation examples (encoded, with loss masks) and a one-line summary."""
+    from ..data import prepare_dataset
+
+    data = config.data
+    if not data.paths:
+        raise ConfigError("no training data given", where="data.paths",
+                          fix="pass --data FILE.jsonl (or set data: {paths: [...]} in the config file)")
+    prepared = prepare_dataset(data, tokenizer)
+    if not prepared.train:
+        reasons = ", ".join(f"{n} {kind}" for kind, n in prepared.skip_counts().most_common(3)) or "no examples"
+        raise ConfigError(f"no usable training example ({reasons})", where=f"data {', '.join(data.paths)}",
+                          fix="run `homebake data check` on the data to see why examples were skipped")
+    return prepared.train, prepared.validation, prepared.summary()
+
+
+def make_optimizer(config: TrainConfig, params: dict[str, torch.nn.Parameter], device: torch.device):
+    """AdamW (fused where the device has it), weight decay only on matrices."""
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]  # norms, biases, DoRA magnitudes
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=config.resolved_learning_rate(), betas=(config.adam_beta1, config.adam_beta2),
+                  eps=config.adam_eps)
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW([g for g in groups if g["params"]], fused=True, **kwargs)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW([g for g in groups if g["params"]], foreach=True, **kwargs)
+
+
+def resume_from_checkpoint(path: Path, setup: ModelSetup, optimizer, stream: BatchStream) -> TrainerState:
+    """Load ``path`` into the trainable parameters, the optimizer and the RNGs; move the stream to its position."""
+    state = load_checkpoint(path, setup.trainable, optimizer)
+    stream.epoch, stream.index = state.epoch, state.batch_in_epoch
+    print(f"homebake: resuming from {path} (step {state.step})", file=sys.stderr)
+    return state
+
+
+@dataclass
+class TrainingSetup:
+    """What the loop and the outputs need, built once by ``setup_training``."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    compute_dtype: torch.dtype
+    model: ModelSetup
+    data_summary: str  # one line for the header
+    stream: BatchStream  # training micro-batches, positioned after the resumed step
+    eval_batches: list  # the validation set as fixed batches (empty: no validation)
+    total_steps: int  # optimizer steps of the whole run (--max-steps, or --epochs worth)
+    micro_budget: int | None  # micro-batches of the whole run under an epoch limit; None under --max-steps
+    schedule: LRSchedule
+    optimizer: torch.optim.Optimizer
+    runner: StepRunner
+    state: TrainerState  # fresh, or the resumed checkpoint's
+    resumed_from: Path | None  # the checkpoint resumed from
+
+
+def setup_training(config: TrainConfig) -> TrainingSetup:
+    config.validate()
+    out = Path(config.out)
+    resume_from = prepare_out_dir(config)
+    device = pick_device(config.device)
+    compute_dtype = compute_dtype_for(config, device)
+    seed_everything(config.seed)
+
+    model = build_model(config, device, compute_dtype)
+    tokenizer = model.loaded.tokenizer
+    train_examples, val_examples, data_summary = load_examples(config, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out)
+
+    data = config.data
+    batching = dict(batch_size=config.batch_size, max_seq_len=data.max_seq_len,
+                    pad_token_id=tokenizer.pad_token_id, packing=data.packing)
+    stream = BatchStream(train_examples, seed=data.seed, **batching)
+    eval_batches = evaluation_batches(val_examples, limit=config.eval_batches, **batching)
+    micro_budget = math.ceil(config.epochs * stream.batches_per_epoch)
+    total_steps = config.max_steps or math.ceil(micro_budget / config.grad_accum)
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total_steps)
+    schedule = LRSchedule(config.resolved_learning_rate(), total_steps, warmup, config.schedule,
+                          config.min_lr_ratio)
+    optimizer = make_optimizer(config, model.trainable, device)
+    runner = StepRunner(model.model, model.head_weight, compute_dtype, device, config.loss_chunk_rows)
+    state = TrainerState(param_names=list(model.trainable))
+    if resume_from is not None:
+        state = resume_from_checkpoint(resume_from, model, optimizer, stream)
+    return TrainingSetup(config, out, device, compute_dtype, model, data_summary, stream, eval_batches,
+                         total_steps, None if config.max_steps else micro_budget, schedule, optimizer, runner,
+                         state, resume_from)
