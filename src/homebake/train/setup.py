@@ -27,6 +27,7 @@ from ..run_folder import latest_checkpoint, previous_run_files
 from .checkpoint import TrainerState, load_checkpoint
 from .config import TrainConfig
 from .data_stream import BatchStream, evaluation_batches
+from .loss import lm_head
 from .schedule import LRSchedule
 from .step import StepRunner
 
@@ -80,12 +81,12 @@ class ModelSetup:
 
 
 def head_weight_of(model: torch.nn.Module) -> torch.Tensor | None:
-    """The LM head matrix (V, H) for the fused loss (the model's ``head_weight``: lm_head or tied embedding).
+    """The LM head matrix (V, H) for the fused loss (``loss.lm_head``: lm_head or the tied embedding).
 
     None when the model's head is not a plain matrix; the loss then calls ``model.logits`` per chunk.
     """
-    weight = getattr(model, "head_weight", None)
-    return weight if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
+    head = lm_head(model)
+    return head if isinstance(head, torch.Tensor) else None
 
 
 def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.dtype) -> ModelSetup:

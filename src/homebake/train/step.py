@@ -15,11 +15,14 @@ from contextlib import nullcontext
 
 import torch
 
-from .loss import chunked_cross_entropy, default_chunk_rows, shift_targets
+from .loss import default_chunk_rows, head_loss, shift_targets
 
 
 class StepRunner:
-    """Forward + loss + backward for micro-batches, under the run's precision."""
+    """Forward + loss + backward for micro-batches, under the run's precision.
+
+    ``head_weight``: the model's (V, H) head matrix for the fused loss, or None to call ``model.logits``.
+    """
 
     def __init__(self, model, head_weight, compute_dtype: torch.dtype, device: torch.device,
                  chunk_rows: int | None):
@@ -36,17 +39,12 @@ class StepRunner:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def loss_sum(self, batch) -> tuple[torch.Tensor, int]:
+        """Summed loss over the batch's trained tokens and their count (``loss.head_loss`` under the precision)."""
         batch = batch.to(self.device)
         targets = shift_targets(batch.labels, batch.position_ids)
         with self.autocast():
             hidden = self.model(batch.input_ids, position_ids=batch.position_ids)
-        if isinstance(self.head, torch.Tensor) and hidden.dtype != self.head.dtype \
-                and self.head.dtype == self.compute_dtype:
-            hidden = hidden.to(self.compute_dtype)  # only trained rows are used; the cast is cheap
-        if isinstance(self.head, torch.Tensor):
-            return chunked_cross_entropy(hidden, targets, self.head, chunk_rows=self.chunk_rows)
-        with self.autocast():
-            return chunked_cross_entropy(hidden, targets, self.head, chunk_rows=self.chunk_rows)
+        return head_loss(hidden, targets, self.head, compute_dtype=self.compute_dtype, chunk_rows=self.chunk_rows)
 
     @torch.no_grad()
     def evaluate(self, batches) -> float | None:
