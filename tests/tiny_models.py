@@ -40,8 +40,29 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("qwen2", {"tie_word_embeddings": True}),
     "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
     "qwen3": ("qwen3", {"head_dim": 32, "num_key_value_heads": 1}),  # head_dim != hidden / heads
+    # Qwen2.5 long-context style YaRN (original context 64, so the ramp covers several frequencies)
+    "qwen2_yarn": ("qwen2", {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}),
+    # Gemma 2: layer 0 sliding (window 5 < the 13 test tokens), layer 1 global; soft-capping small enough to bite;
+    # query_pre_attn_scalar != head_dim so the score scale is tested
+    "gemma2": ("gemma2", {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 5,
+                          "attn_logit_softcapping": 3.0, "final_logit_softcapping": 5.0, "tie_word_embeddings": True,
+                          "hidden_activation": "gelu_pytorch_tanh"}),
+    # Gemma 3 (text): q/k norms, local/global RoPE bases, linear scaling on global layers (as 4B+)
+    "gemma3": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+                               "sliding_window_pattern": 2, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0,
+                               "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "tie_word_embeddings": True}),
+    # Phi-3 mini: fused qkv_proj / gate_up_proj, a sliding window (as Phi-3-mini-4k's 2047)
+    "phi3": ("phi3", {"sliding_window": 6, "original_max_position_embeddings": 256, "pad_token_id": 0}),
+    # Phi-4-mini style: partial rotary 0.75, LongRoPE short/long factors (original context 64), tied embeddings
+    "phi3_longrope": ("phi3", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True, "pad_token_id": 0,
+                               "original_max_position_embeddings": 64,
+                               "rope_scaling": {"type": "longrope",
+                                                "short_factor": [1.0, 1.05, 1.1, 1.3, 1.6, 2.0],
+                                                "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}}),
 }
-ARCH_VARIANTS = ["llama", "llama_tied", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3"]
+ARCH_VARIANTS = ["llama", "llama_tied", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3",
+                 "qwen2_yarn", "gemma2", "gemma3", "phi3", "phi3_longrope"]
+NEW_FAMILY_VARIANTS = ["gemma2", "gemma3", "phi3", "phi3_longrope"]
 
 
 def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> dict:

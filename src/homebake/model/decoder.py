@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs
-from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .rope import apply_rope, length_dependent, rope_cos_sin, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -94,11 +94,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    attention_class = Attention  # Phi-3 swaps in its fused-projection classes (model/phi3.py)
+    mlp_class = MLP
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
-        self.self_attn = Attention(args, layer)
-        self.mlp = MLP(args)
+        self.self_attn = self.attention_class(args, layer)
+        self.mlp = self.mlp_class(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -108,13 +111,15 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """The ``model.`` prefix of HF's *ForCausalLM: embeddings, layers, final norm."""
+    """The ``model.`` prefix of HF's *ForCausalLM: embeddings, layers, final norm. Families with other
+    blocks (model/gemma.py, model/phi3.py) pass their own layer, norm and embedding classes."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_class=None, norm_class=None, embedding_class=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        layer_class, norm_class = layer_class or DecoderLayer, norm_class or RMSNorm
+        self.embed_tokens = (embedding_class or nn.Embedding)(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(layer_class(args, i) for i in range(args.num_hidden_layers))
+        self.norm = norm_class(args.hidden_size, args.rms_norm_eps)
 
 
 def attention_mask(
@@ -147,10 +152,15 @@ def attention_mask(
 class CausalLM(nn.Module):
     """Decoder + LM head with HF parameter names; ``forward`` returns final-norm hidden states."""
 
+    # what a family file overrides (model/gemma.py, model/phi3.py); None = this file's Llama-family pieces
+    layer_class = None
+    norm_class = None
+    embedding_class = None
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = DecoderModel(args)
+        self.model = DecoderModel(args, self.layer_class, self.norm_class, self.embedding_class)
         # Tied models have no lm_head parameter (HF omits it from the state dict); logits use embed_tokens.
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.gradient_checkpointing = False
@@ -164,6 +174,22 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.head_weight)
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype, kv_cache: KVCache | None = None):
+        """cos/sin for ``position_ids``. Length-dependent RoPE (longrope, dynamic) picks its table by the
+        longest position of the call, or by the KV cache's capacity while generating (so cached keys and
+        new queries always share one table)."""
+        device = position_ids.device
+        if self._inv_freq.device != device:
+            self._inv_freq = self._inv_freq.to(device)
+        inv_freq, scaling = self._inv_freq, self._rope_scaling
+        threshold = length_dependent(self.args)
+        if threshold is not None:
+            length = kv_cache.max_len if kv_cache is not None else int(position_ids.max()) + 1
+            if length > threshold:
+                inv_freq, scaling = rope_inv_freq(self.args, seq_len=length)
+                inv_freq = inv_freq.to(device)
+        return rope_cos_sin(inv_freq, position_ids, scaling, dtype)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         weight = self.model.embed_tokens.weight
@@ -190,9 +216,7 @@ class CausalLM(nn.Module):
             packed = bool((position_ids[:, 1:] == 0).any())
 
         h = self.model.embed_tokens(input_ids)
-        if self._inv_freq.device != device:
-            self._inv_freq = self._inv_freq.to(device)
-        cos, sin = rope_cos_sin(self._inv_freq, position_ids, self._rope_scaling, h.dtype)
+        cos, sin = self.rope(position_ids, h.dtype, kv_cache)
         masks = {w: attention_mask(position_ids, start, length, w, packed, device, key_mask) for w in self._windows}
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:

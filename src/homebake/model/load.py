@@ -19,6 +19,7 @@ import torch
 from ..errors import ModelLoadError
 from .args import ModelArgs
 from .decoder import CausalLM
+from .families import build_causal_lm
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]  # never pickles
@@ -80,6 +81,10 @@ def _snapshot(repo_id: str) -> Path:
 
 
 def _read_hf_config(folder: Path) -> ModelArgs:
+    return _read_hf_config_dict(folder)[0]
+
+
+def _read_hf_config_dict(folder: Path) -> tuple[ModelArgs, dict]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         found = sorted(p.name for p in folder.glob("*.gguf"))
@@ -91,7 +96,32 @@ def _read_hf_config(folder: Path) -> ModelArgs:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"invalid JSON: {exc}", where=str(config_path),
                              fix="restore the model's original config.json") from None
-    return ModelArgs.from_hf_config(config, where=str(config_path))
+    return ModelArgs.from_hf_config(config, where=str(config_path)), config
+
+
+# Multimodal checkpoints whose language model homebake loads: (prefix in the file, HF text-model prefix).
+# Gemma 3 4B+ ships as Gemma3ForConditionalGeneration: transformers 4 saves language_model.model.*,
+# transformers 5 model.language_model.*; the vision tower and projector are not part of the text model.
+_TEXT_MODEL_PREFIXES = {"gemma3": (("language_model.model.", "model."), ("model.language_model.", "model."),
+                                   ("language_model.lm_head.", "lm_head."))}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _text_model_names(model_type: str | None, state: dict, origin: dict) -> tuple[dict, dict]:
+    prefixes = _TEXT_MODEL_PREFIXES.get(model_type)
+    if not prefixes:
+        return state, origin
+    renamed, renamed_origin = {}, {}
+    for name, tensor in state.items():
+        if name.startswith(_VISION_PREFIXES):
+            continue
+        new = name
+        for old, replacement in prefixes:
+            if name.startswith(old):
+                new = replacement + name[len(old):]
+                break
+        renamed[new], renamed_origin[new] = tensor, origin.get(name)
+    return renamed, renamed_origin
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -145,8 +175,9 @@ def _read_checkpoint(path: Path, kind: str) -> _Checkpoint:
         args = ModelArgs.from_gguf_metadata(contents.metadata, contents.tensors, where=str(path))
         state = gguf_state_dict(contents, args)
         return _Checkpoint(args, state, {name: path for name in state}, path, kind, contents.metadata)
-    args = _read_hf_config(path)
+    args, config = _read_hf_config_dict(path)
     state, origin = _read_safetensors(_safetensors_files(path))
+    state, origin = _text_model_names(config.get("model_type"), state, origin)
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some tied checkpoints store a copy of the embeddings
     return _Checkpoint(args, state, origin, path, kind)
@@ -176,7 +207,7 @@ def _check_names_and_shapes(model: CausalLM, checkpoint: _Checkpoint) -> None:
 
 def build_model(checkpoint: _Checkpoint, *, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
     with torch.device("meta"):  # no throwaway random init: parameters are assigned from the checkpoint
-        model = CausalLM(checkpoint.args)
+        model = build_causal_lm(checkpoint.args)
     _check_names_and_shapes(model, checkpoint)
     state = {name: t.to(device=device, dtype=dtype) for name, t in checkpoint.state_dict.items()}
     model.load_state_dict(state, strict=True, assign=True)

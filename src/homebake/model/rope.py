@@ -1,7 +1,13 @@
 """Rotary position embeddings: one factory keyed on ``rope_scaling["rope_type"]``, HF's rotate_half layout.
 
 Each rope type only changes the inverse frequencies (and, for some types, an attention scaling factor
-applied to cos/sin). Adding a type means adding one function to ``_SCALERS``.
+applied to cos/sin). Adding a type means adding one function to ``_SCALERS``. Types, as transformers
+computes them: default, linear, llama3 (Llama 3.x), yarn (Qwen2.5 long context, DeepSeek-style mscale),
+longrope (Phi-3/3.5/4-mini: per-frequency short and long factors; "su" is its old name) and dynamic
+(NTK-aware, rescaled beyond max_position_embeddings). longrope and dynamic depend on the sequence length:
+``rope_inv_freq(args, seq_len=n)`` gives the table for ``n`` positions (``length_dependent(args)`` says
+whether it can differ from the default one). Partial rotary embeddings (``partial_rotary_factor``) rotate
+the first ``args.rotary_dim`` channels of each head and pass the rest through.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ def base_inv_freq(rope_theta: float, head_dim: int) -> torch.Tensor:
     return 1.0 / (rope_theta**exponents)
 
 
-def _linear(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
-    return inv_freq / float(scaling["factor"])
+def _linear(inv_freq: torch.Tensor, scaling: dict, args, seq_len) -> tuple[torch.Tensor, float]:
+    return inv_freq / float(scaling["factor"]), 1.0
 
 
 def llama3_factors(inv_freq: np.ndarray | torch.Tensor, scaling: dict) -> np.ndarray:
@@ -39,7 +45,7 @@ def llama3_factors(inv_freq: np.ndarray | torch.Tensor, scaling: dict) -> np.nda
     return np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, medium))
 
 
-def _llama3(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+def _llama3(inv_freq: torch.Tensor, scaling: dict, args, seq_len) -> tuple[torch.Tensor, float]:
     # Same arithmetic as transformers' _compute_llama3_parameters, in float32 torch ops.
     factor = float(scaling.get("factor", 8.0))
     low = float(scaling.get("low_freq_factor", 1.0))
@@ -50,18 +56,83 @@ def _llama3(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     smooth = (old_context / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
-    return torch.where(medium, smoothed, scaled)
+    return torch.where(medium, smoothed, scaled), 1.0
 
 
-_SCALERS: dict[str, Callable[[torch.Tensor, dict], torch.Tensor]] = {
-    "default": lambda inv_freq, scaling: inv_freq,
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(inv_freq: torch.Tensor, scaling: dict, args, seq_len) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies by ``factor``, keep high ones, ramp between (beta_fast/beta_slow
+    rotations over the original context), and scale attention by the mscale."""
+    dim = args.rotary_dim
+    base = args.rope_theta
+    original = float(scaling["original_max_position_embeddings"])
+    factor = float(scaling.get("factor") or args.max_position_embeddings / original)
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                     else _yarn_mscale(factor))
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:  # the channel whose wavelength fits `rotations` times
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 = extrapolate (unchanged frequency), 0 = interpolate (divided by factor)
+    return (inv_freq / factor) * (1 - keep) + inv_freq * keep, float(attention)
+
+
+def longrope_default_attention_factor(max_positions: int, original: int) -> float:
+    factor = max_positions / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _longrope(inv_freq: torch.Tensor, scaling: dict, args, seq_len) -> tuple[torch.Tensor, float]:
+    """LongRoPE: frequencies divided per channel by the short factors, or by the long ones once the
+    sequence is longer than the original (pretraining) context; attention scaled for the longer context."""
+    original = int(scaling["original_max_position_embeddings"])
+    factor = scaling.get("factor")
+    factor = float(factor) if factor is not None else args.max_position_embeddings / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    key = "long_factor" if seq_len and seq_len > original else "short_factor"
+    return inv_freq / torch.tensor(scaling[key], dtype=torch.float32, device="cpu"), float(attention)
+
+
+def _dynamic(inv_freq: torch.Tensor, scaling: dict, args, seq_len) -> tuple[torch.Tensor, float]:
+    """Dynamic NTK: plain RoPE up to max_position_embeddings, a larger base beyond it."""
+    limit = args.max_position_embeddings
+    if not seq_len or seq_len <= limit:
+        return inv_freq, 1.0
+    dim, factor = args.rotary_dim, float(scaling["factor"])
+    base = args.rope_theta * ((factor * seq_len / limit) - (factor - 1)) ** (dim / (dim - 2))
+    return base_inv_freq(base, dim), 1.0
+
+
+_SCALERS: dict[str, Callable[..., tuple[torch.Tensor, float]]] = {
+    "default": lambda inv_freq, scaling, args, seq_len: (inv_freq, 1.0),
     "linear": _linear,
     "llama3": _llama3,
+    "yarn": _yarn,
+    "longrope": _longrope,
+    "dynamic": _dynamic,
 }
 
 
-def rope_inv_freq(args) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies float32 [head_dim/2], attention scaling applied to cos/sin) for ``args``."""
+def rope_inv_freq(args, *, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies float32 [rotary_dim/2], attention scaling applied to cos/sin) for ``args``;
+    ``seq_len`` selects the table of length-dependent types (longrope, dynamic)."""
     scaling = args.rope_scaling or {}
     rope_type = args.rope_type
     if rope_type not in _SCALERS:
@@ -69,8 +140,19 @@ def rope_inv_freq(args) -> tuple[torch.Tensor, float]:
             f"rope_type {rope_type!r} is not supported (supported: {', '.join(_SCALERS)})",
             where="model config field 'rope_scaling'",
         )
-    inv_freq = _SCALERS[rope_type](base_inv_freq(args.rope_theta, args.head_dim), scaling)
-    return inv_freq, float(scaling.get("attention_factor", 1.0) or 1.0)
+    inv_freq, attention = _SCALERS[rope_type](base_inv_freq(args.rope_theta, args.rotary_dim), scaling, args, seq_len)
+    if rope_type in ("default", "linear", "llama3", "dynamic"):
+        attention = float(scaling.get("attention_factor", 1.0) or 1.0)
+    return inv_freq, attention
+
+
+def length_dependent(args) -> int | None:
+    """The sequence length beyond which ``rope_inv_freq`` changes (longrope, dynamic), else None."""
+    if args.rope_type == "longrope":
+        return int(args.rope_scaling["original_max_position_embeddings"])
+    if args.rope_type == "dynamic":
+        return int(args.max_position_embeddings)
+    return None
 
 
 def rope_cos_sin(
@@ -91,7 +173,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    # partial rotary embeddings: rotate the first channels, pass the rest through (Phi-4-mini)
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
 def llama3_scaling_from_factors(factors, rope_theta: float, head_dim: int, *, where: str = "GGUF file") -> dict | None:
