@@ -25,8 +25,10 @@ def test_from_hf_config_agrees_with_transformers(variant):
     assert args.head_dim == getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads
     assert args.num_key_value_heads == ref.num_key_value_heads
     assert args.tie_word_embeddings == ref.tie_word_embeddings
-    assert args.rope_theta == ref.rope_parameters["rope_theta"]
-    assert args.rope_type == ref.rope_parameters["rope_type"]
+    rope = ref.rope_parameters.get("full_attention", ref.rope_parameters)  # Gemma 3: per layer type
+    assert args.rope_theta == rope["rope_theta"]
+    assert args.rope_type == rope["rope_type"]
+    assert args.rotary_dim == int(args.head_dim * rope.get("partial_rotary_factor", 1.0))
     ref_window = getattr(ref, "sliding_window", None)
     for layer in range(args.num_hidden_layers):
         layer_types = getattr(ref, "layer_types", None)
@@ -34,7 +36,8 @@ def test_from_hf_config_agrees_with_transformers(variant):
         assert args.layer_window(layer) == expected
 
 
-@pytest.mark.parametrize("variant", ["llama3_rope", "qwen2_window", "mistral_window", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama3_rope", "qwen2_window", "mistral_window", "qwen3", "qwen2_yarn",
+                                     "gemma2", "gemma3", "phi3", "phi3_longrope"])
 def test_v4_and_v5_config_styles_give_the_same_args(variant, tiny_dir):
     """Hub checkpoints use rope_theta/rope_scaling (v4); transformers 5 writes rope_parameters."""
     v4 = tiny_hf_config(variant)
@@ -56,16 +59,17 @@ def test_qwen2_bias_and_qwen3_qk_norm_flags():
 
 
 def test_unsupported_model_type_lists_supported_and_names_the_file():
-    config = {**tiny_hf_config("llama"), "model_type": "gemma2"}
+    config = {**tiny_hf_config("llama"), "model_type": "mixtral"}  # a mixture-of-experts model
     with pytest.raises(UnsupportedArchitectureError) as info:
         ModelArgs.from_hf_config(config, where="/models/x/config.json")
     text = str(info.value)
-    assert "gemma2" in text and "llama, mistral, qwen2, qwen3" in text and "/models/x/config.json" in text
+    assert "mixtral" in text and "/models/x/config.json" in text
+    assert "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gemma3, phi3" in text
     assert "\n" not in text
 
 
 @pytest.mark.parametrize("change,field", [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope"),
+    ({"rope_scaling": {"rope_type": "mrope", "mrope_section": [2, 2, 4]}}, "rope"),
     ({"hidden_act": "gelu"}, "hidden_act"),
 ])
 def test_unsupported_features_are_refused(change, field):
@@ -81,7 +85,7 @@ def test_missing_required_field_is_a_load_error():
 
 
 @pytest.mark.parametrize("variant", ["llama3_rope", "llama_linear_rope", "mistral_window", "qwen2_window", "qwen3",
-                                     "llama_tied"])
+                                     "llama_tied", "qwen2_yarn", "gemma2", "gemma3", "phi3", "phi3_longrope"])
 def test_to_hf_config_round_trips_through_homebake_and_transformers(variant, tiny_dir, tmp_path, token_ids):
     """A folder with our to_hf_config() + the original weights loads in transformers to the same model."""
     from tiny_models import load_hf_reference
@@ -116,8 +120,9 @@ def test_from_gguf_metadata_reads_llama_cpp_keys():
 
 
 def test_from_gguf_metadata_refuses_unknown_architecture():
-    with pytest.raises(UnsupportedArchitectureError, match="gemma2.*supported: llama, qwen2, qwen3"):
-        ModelArgs.from_gguf_metadata({"general.architecture": "gemma2"}, where="m.gguf")
+    with pytest.raises(UnsupportedArchitectureError,
+                       match="qwen2moe.*supported: gemma2, gemma3, llama, phi3, qwen2, qwen3"):
+        ModelArgs.from_gguf_metadata({"general.architecture": "qwen2moe"}, where="m.gguf")
 
 
 def test_every_arch_variant_is_in_the_variant_table():

@@ -9,6 +9,7 @@ from tiny_models import ARCH_VARIANTS, build_tiny_hf_model, tiny_hf_config
 
 from homebake.model.args import ModelArgs
 from homebake.model.decoder import CausalLM
+from homebake.model.families import build_causal_lm
 from homebake.model.load import load_model
 
 
@@ -19,7 +20,7 @@ def ours(tiny_dir, variant: str) -> CausalLM:
 @pytest.mark.parametrize("variant", ARCH_VARIANTS)
 def test_state_dict_names_and_shapes_are_hf(variant):
     hf = build_tiny_hf_model(tiny_hf_config(variant))
-    model = CausalLM(ModelArgs.from_hf_config(tiny_hf_config(variant)))
+    model = build_causal_lm(ModelArgs.from_hf_config(tiny_hf_config(variant)))
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()
                                                                    if not (k == "lm_head.weight"
                                                                            and hf.config.tie_word_embeddings)}

@@ -193,7 +193,10 @@ def test_tokenizer_metadata_is_written_through_with_llama_cpp_types(tiny_dir, tm
     assert fields["tokenizer.ggml.add_bos_token"].types == [V.BOOL]
     read = read_gguf(path).metadata
     for key, value in metadata.items():
-        assert read[key] == value
+        assert read[key][:len(value)] == value if isinstance(value, list) else read[key] == value
+    # the vocabulary is padded to the model's 320 embedding rows with unused placeholders, as llama.cpp does
+    assert len(read["tokenizer.ggml.tokens"]) == 320 and read["tokenizer.ggml.tokens"][3] == "[PAD3]"
+    assert set(read["tokenizer.ggml.token_type"][3:]) == {5} and set(read["tokenizer.ggml.scores"][3:]) == {-10000.0}
     assert read["tokenizer.ggml.eos_token_id"] == 0  # the tokenizer's id wins over the config's
 
 
@@ -234,13 +237,13 @@ def test_corrupt_gguf(tmp_path, content):
 
 
 def test_gguf_with_unsupported_architecture(tiny_dir, tmp_path):
-    writer = gguf.GGUFWriter(tmp_path / "g.gguf", "gemma2")
+    writer = gguf.GGUFWriter(tmp_path / "g.gguf", "qwen2moe")  # a mixture-of-experts architecture
     writer.add_block_count(1)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert_gguf_error(tmp_path / "g.gguf", "'gemma2' is not supported", UnsupportedArchitectureError)
+    assert_gguf_error(tmp_path / "g.gguf", "'qwen2moe' is not supported", UnsupportedArchitectureError)
 
 
 def test_gguf_missing_tensor(tiny_dir, tmp_path):

@@ -22,6 +22,15 @@ LLAMA32 = {**LLAMA31, "factor": 32.0}
     ("llama3_rope", {}),
     ("llama", {"head_dim": 128, "hidden_size": 256, "num_attention_heads": 2, "rope_theta": 500000.0,
                "rope_scaling": LLAMA31}),
+    ("qwen2_yarn", {}),
+    ("qwen2", {"head_dim": 128, "hidden_size": 256, "num_attention_heads": 2, "rope_theta": 1000000.0,
+               "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
+                                "beta_fast": 16, "beta_slow": 2, "mscale": 1.0, "mscale_all_dim": 0.5}}),
+    ("phi3_longrope", {}),
+    ("phi3", {"rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 10 for i in range(8)],
+                               "long_factor": [1.0 + i for i in range(8)]}, "original_max_position_embeddings": 64}),
+    ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
 ])
 def test_inv_freq_matches_transformers(variant, overrides):
     from transformers import AutoConfig
@@ -39,8 +48,16 @@ def test_inv_freq_matches_transformers(variant, overrides):
         theirs, ref_scaling = ROPE_INIT_FUNCTIONS[rope_type](ref_config, "cpu")
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
     assert scaling == ref_scaling
-    if rope_type != "default":  # the scaled frequencies really differ from plain RoPE
-        assert not torch.allclose(ours, base_inv_freq(args.rope_theta, args.head_dim))
+    if rope_type not in ("default", "dynamic"):  # the scaled frequencies really differ from plain RoPE
+        assert not torch.allclose(ours, base_inv_freq(args.rope_theta, args.rotary_dim))
+    if rope_type in ("longrope", "dynamic"):  # the length-dependent tables, beyond the threshold
+        length = (args.rope_scaling["original_max_position_embeddings"] if rope_type == "longrope"
+                  else args.max_position_embeddings) + 37
+        ours_long, scaling_long = rope_inv_freq(args, seq_len=length)
+        theirs_long, ref_long = ROPE_INIT_FUNCTIONS[rope_type](ref_config, "cpu", seq_len=length)
+        torch.testing.assert_close(ours_long, theirs_long.float(), rtol=1e-6, atol=0)
+        assert scaling_long == ref_long
+        assert not torch.allclose(ours_long, ours)
 
 
 @pytest.mark.parametrize("scaling,theta,head_dim", [

@@ -27,7 +27,8 @@ import torch
 from ..errors import ExportError
 from ..model.args import GGUF_ARCH_OF_MODEL_TYPE
 from . import kquants
-from .gguf_writer import add_rope_freqs, gguf_tensors, save_atomically, write_metadata_value, write_model_metadata
+from .gguf_writer import (add_rope_freqs, gguf_tensors, pad_vocabulary, save_atomically, write_metadata_value,
+                          write_model_metadata)
 
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K")
 _MIX_DEFAULT = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
@@ -115,7 +116,7 @@ def write_model_gguf(path: str | os.PathLike, state_dict: Mapping[str, torch.Ten
                           fix=f"supported: {', '.join(GGUF_ARCH_OF_MODEL_TYPE)}")
     writer = gguf.GGUFWriter(path=None, arch=arch)
     write_model_metadata(writer, args, arch, quant, name)
-    for key, value in (tokenizer_metadata or {}).items():
+    for key, value in pad_vocabulary(tokenizer_metadata or {}, args.vocab_size).items():
         write_metadata_value(writer, key, value)
 
     chosen: dict[str, str] = {}
@@ -127,8 +128,8 @@ def write_model_gguf(path: str | os.PathLike, state_dict: Mapping[str, torch.Ten
         encoded, raw = encode_tensor(data.numpy(), type_name)
         writer.add_tensor(gguf_name, encoded, raw_dtype=raw)
         chosen[gguf_name] = type_name
-    if add_rope_freqs(writer, args):
-        chosen["rope_freqs.weight"] = "F32"
+    for rope_tensor in add_rope_freqs(writer, args):
+        chosen[rope_tensor] = "F32"
     save_atomically(writer, path)
     return chosen
 

@@ -64,7 +64,7 @@ def write_gguf_lora(path: str | os.PathLike, adapter_state: dict[str, torch.Tens
     written: dict[str, tuple[int, ...]] = {}
     qtype = gguf.GGMLQuantizationType[tensor_type]
     for module, parts in sorted(split_adapter_state(adapter_state, where=str(path)).items()):
-        base_name = hf_to_gguf_name(f"{module}.weight")
+        base_name = hf_to_gguf_name(f"{module}.weight", arch)
         if base_name is None:
             raise ExportError(f"{module} has no GGUF tensor name", where=str(path),
                               fix="GGUF LoRAs cover the decoder's linear layers only")

@@ -36,12 +36,14 @@ HF_ARCHITECTURE_CLASS = {
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma2": dict(tie_word_embeddings=True, head_dim=256, hidden_activation="gelu_pytorch_tanh",
                    query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
-                   final_logit_softcapping=30.0, rope_theta=10000.0, max_position_embeddings=8192),
+                   final_logit_softcapping=30.0, rope_theta=10000.0, max_position_embeddings=8192,
+                   pad_token_id=0, eos_token_id=1, bos_token_id=2),
     "gemma3_text": dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True, head_dim=256, hidden_activation="gelu_pytorch_tanh",
                         query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=None,
                         final_logit_softcapping=None, rope_theta=1_000_000.0, rope_local_base_freq=10000.0,
-                        sliding_window_pattern=6, max_position_embeddings=131072),
+                        sliding_window_pattern=6, max_position_embeddings=131072,
+                        pad_token_id=0, eos_token_id=1, bos_token_id=2),
     "phi3": dict(tie_word_embeddings=False, original_max_position_embeddings=4096, sliding_window=None,
                  max_position_embeddings=4096),
 }
@@ -170,9 +172,9 @@ class ModelArgs:
                 rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
                 max_position_embeddings=int(get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-                bos_token_id=config.get("bos_token_id"),
-                eos_token_id=config.get("eos_token_id"),
-                pad_token_id=config.get("pad_token_id"),
+                bos_token_id=get("bos_token_id", None),
+                eos_token_id=get("eos_token_id", None),
+                pad_token_id=get("pad_token_id", None),
                 hidden_act=act,
             )
             if model_type in GEMMA_TYPES:
@@ -243,7 +245,9 @@ class ModelArgs:
                 (i for i in range(self.num_hidden_layers) if self.layer_window(i)), self.num_hidden_layers
             )
         if self.is_gemma:
-            config.update(hidden_activation=self.hidden_act, query_pre_attn_scalar=self.query_pre_attn_scalar,
+            scalar = self.query_pre_attn_scalar
+            config.update(hidden_activation=self.hidden_act,
+                          query_pre_attn_scalar=int(scalar) if scalar is not None and scalar.is_integer() else scalar,
                           attn_logit_softcapping=self.attn_logit_softcapping,
                           final_logit_softcapping=self.final_logit_softcapping,
                           sliding_window=self.sliding_window, layer_types=layer_types)
@@ -336,8 +340,10 @@ class ModelArgs:
             extra = dict(
                 hidden_act="gelu_pytorch_tanh",
                 query_pre_attn_scalar=scalar,
-                attn_logit_softcapping=_optional_float(get("attn_logit_softcapping", None)),
-                final_logit_softcapping=_optional_float(get("final_logit_softcapping", None)),
+                # llama.cpp soft-caps Gemma 2 with 50 / 30 when the file has no keys; Gemma 3 only if given
+                attn_logit_softcapping=_optional_float(get("attn_logit_softcapping", defaults["attn_logit_softcapping"])),
+                final_logit_softcapping=_optional_float(get("final_logit_softcapping",
+                                                            defaults["final_logit_softcapping"])),
             )
             if arch == "gemma3":
                 extra["rope_local_base_freq"] = float(get("rope.freq_base_swa", defaults["rope_local_base_freq"]))
@@ -515,9 +521,10 @@ def _gguf_rope_scaling(get, tensors, rope_theta: float, head_dim: int, rope_dim:
         return llama3_scaling_from_factors(tensors["rope_freqs.weight"], rope_theta, head_dim, where=where)
     if "rope_factors_long.weight" in tensors:  # Phi-3 LongRoPE: the two factor sets as tensors
         original = int(get("rope.scaling.original_context_length", max_positions))
+        # float32 in the file: the shortest decimal that round-trips (1.05, not 1.0499999523)
         scaling = {"rope_type": "longrope",
-                   "short_factor": [float(v) for v in tensors["rope_factors_short.weight"].reshape(-1)],
-                   "long_factor": [float(v) for v in tensors["rope_factors_long.weight"].reshape(-1)],
+                   "short_factor": [float(str(v)) for v in tensors["rope_factors_short.weight"].reshape(-1)],
+                   "long_factor": [float(str(v)) for v in tensors["rope_factors_long.weight"].reshape(-1)],
                    "original_max_position_embeddings": original}
         if len(scaling["long_factor"]) != rope_dim // 2 or len(scaling["short_factor"]) != rope_dim // 2:
             raise ModelLoadError(f"rope_factors tensors do not have {rope_dim // 2} values", where=where,

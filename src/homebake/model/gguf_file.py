@@ -2,8 +2,11 @@
 
 llama.cpp's convert_hf_to_gguf.py permutes the rows of Q (with the head count) and K (with the KV-head
 count) for the "llama" architecture (Llama, Mistral, SmolLM2), because ggml's RoPE rotates adjacent
-pairs while HF rotates halves. Qwen2/Qwen3 GGUFs use ggml's NEOX RoPE and are stored unpermuted.
-Inside homebake everything uses HF names and HF's layout; this module is the only place that converts.
+pairs while HF rotates halves. Qwen2/Qwen3, Gemma 2/3 and Phi-3 GGUFs use ggml's NEOX RoPE and are stored
+unpermuted. Per architecture: Gemma's four block norms have their own GGUF names and are stored as
+``1 + weight`` (llama.cpp's RMSNorm multiplies by the stored value); Phi-3 keeps its fused projections
+(``attn_qkv``, and ``ffn_up`` holding gate then up). Inside homebake everything uses HF names and HF's
+layout; this module (with export/gguf_writer.py) is the only place that converts.
 """
 
 from __future__ import annotations
@@ -39,31 +42,60 @@ _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_GEMMA_BLOCK_NAMES = {
+    **{k: v for k, v in _BLOCK_NAMES.items() if k != "ffn_norm"},
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_PHI3_BLOCK_NAMES = {
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_ARCH_BLOCK_NAMES = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}
+# Architectures whose RMSNorm weights are stored in the file as 1 + weight (HF keeps the offset from 1).
+NORM_OFFSET_ARCHS = frozenset({"gemma2", "gemma3"})
 # Tensors that configure the model rather than hold weights (read into ModelArgs instead).
-NON_WEIGHT_TENSORS = frozenset({"rope_freqs.weight"})
+NON_WEIGHT_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
 _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)$")
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def _block_names(arch: str | None) -> dict[str, str]:
+    return _ARCH_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
+
+
+def gguf_to_hf_name(name: str, arch: str | None = None) -> str | None:
+    """The HF name of a GGUF tensor of architecture ``arch`` (None: the Llama/Qwen layout)."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    names = _block_names(arch)
     match = _GGUF_BLOCK.match(name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.{match.group(3)}"
+    if match and match.group(2) in names:
+        return f"model.layers.{match.group(1)}.{names[match.group(2)]}.{match.group(3)}"
     return None
 
 
-def hf_to_gguf_name(name: str) -> str | None:
+def hf_to_gguf_name(name: str, arch: str | None = None) -> str | None:
     for gguf_name, hf_name in _GLOBAL_NAMES.items():
         if name == hf_name:
             return gguf_name
     match = _HF_BLOCK.match(name)
     if match:
-        for gguf_part, hf_part in _BLOCK_NAMES.items():
+        for gguf_part, hf_part in _block_names(arch).items():
             if hf_part == match.group(2):
                 return f"blk.{match.group(1)}.{gguf_part}.{match.group(3)}"
     return None
+
+
+def norm_offset(hf_name: str, arch: str | None) -> float:
+    """What the GGUF adds to this tensor (1 for Gemma's norms: the file stores 1 + weight)."""
+    return 1.0 if arch in NORM_OFFSET_ARCHS and hf_name.endswith("norm.weight") else 0.0
 
 
 def permute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -147,18 +179,22 @@ def _open(path: Path):
 
 def gguf_state_dict(contents: GGUFContents, args) -> dict[str, torch.Tensor]:
     """HF-named float32 tensors in HF layout (Q/K un-permuted for llama-architecture files)."""
-    permuted = contents.metadata.get("general.architecture") in PERMUTED_QK_ARCHS
+    arch = contents.metadata.get("general.architecture")
+    permuted = arch in PERMUTED_QK_ARCHS
     state: dict[str, torch.Tensor] = {}
     for name, array in contents.tensors.items():
         if name in NON_WEIGHT_TENSORS:
             continue
-        hf_name = gguf_to_hf_name(name)
+        hf_name = gguf_to_hf_name(name, arch)
         if hf_name is None:
             raise ModelLoadError(
-                f"unexpected tensor {name!r} (not part of a Llama/Mistral/Qwen decoder)",
+                f"unexpected tensor {name!r} (not part of a {arch} decoder homebake knows)",
                 where=str(contents.path), fix="use a GGUF of a supported dense decoder model",
             )
         tensor = torch.from_numpy(array)
+        offset = norm_offset(hf_name, arch)
+        if offset:
+            tensor = tensor - offset
         heads = qk_heads(hf_name, args) if permuted else None
         if heads is not None:
             if tensor.shape[0] % (2 * heads):
