@@ -2,7 +2,8 @@
 
 Built from a Hugging Face folder (tokenizer.json + tokenizer_config.json [+ chat_template.jinja]) or from
 GGUF metadata (a byte-level BPE rebuilt from ``tokenizer.ggml.*`` with the pre-tokenizer llama.cpp uses
-for ``tokenizer.ggml.pre``), and written back to GGUF metadata with ``to_gguf_metadata``.
+for ``tokenizer.ggml.pre``, or a SentencePiece vocabulary, ``tokenizer.ggml.model = "llama"``, see
+homebake/spm.py), and written back to GGUF metadata with ``to_gguf_metadata``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from homebake.chat_template import render_template
 from homebake.errors import TemplateError, TokenizerError
+from homebake.spm import SpmVocab, is_spm_backend, spm_backend, vocab_from_hf
 
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -119,6 +121,7 @@ class Tokenizer:
         chat_template_source: str = "chat template",
         named_chat_templates: Mapping[str, str] | None = None,
         gguf_pre: str | None = None,
+        spm: SpmVocab | None = None,
         source: str = "tokenizer",
     ):
         self.backend = backend
@@ -132,6 +135,7 @@ class Tokenizer:
         # Other templates a tokenizer_config.json may name; HF renders with "tool_use" when tools are given.
         self.named_chat_templates = dict(named_chat_templates or {})
         self.gguf_pre = gguf_pre
+        self.spm = spm  # the SentencePiece vocabulary (pieces, scores, types) when read from a GGUF
         self.end_token_ids = self._end_token_ids(extra_end_token_ids)
         self.pad_token_id = self._choose_pad(pad_token_id)
 
@@ -197,12 +201,11 @@ class Tokenizer:
             return metadata[key]
 
         model = field("tokenizer.ggml.model", required=True)
-        if model != "gpt2":
-            raise TokenizerError(f"tokenizer model '{model}' is not supported (only 'gpt2', byte-level BPE)",
-                                 where=f"{where} 'tokenizer.ggml.model'",
+        if model not in ("gpt2", "llama"):
+            raise TokenizerError(f"tokenizer model '{model}' is not supported (supported: 'gpt2', byte-level BPE; "
+                                 f"'llama', SentencePiece)", where=f"{where} 'tokenizer.ggml.model'",
                                  fix="load the model from its Hugging Face folder (tokenizer.json) instead")
         tokens = [str(token) for token in field("tokenizer.ggml.tokens", required=True)]
-        merges = field("tokenizer.ggml.merges", required=True)
         if not tokens:
             raise TokenizerError("'tokenizer.ggml.tokens' is empty", where=where,
                                  fix="re-convert the model with llama.cpp's convert_hf_to_gguf.py")
@@ -210,6 +213,54 @@ class Tokenizer:
         if len(token_types) != len(tokens):
             raise TokenizerError(f"{len(token_types)} token types for {len(tokens)} tokens",
                                  where=f"{where} 'tokenizer.ggml.token_type'", fix="re-convert the model")
+        spm = None
+        if model == "llama":
+            scores = [float(s) for s in field("tokenizer.ggml.scores", [0.0] * len(tokens))]
+            if len(scores) != len(tokens):
+                raise TokenizerError(f"{len(scores)} scores for {len(tokens)} tokens",
+                                     where=f"{where} 'tokenizer.ggml.scores'", fix="re-convert the model")
+            arch = str(field("general.architecture", ""))
+            spm = SpmVocab(tokens, scores, [int(t) for t in token_types],
+                           add_space_prefix=bool(field("tokenizer.ggml.add_space_prefix", True)),
+                           merges_by_position=arch.startswith("gemma"))
+            try:
+                backend = spm_backend(spm)
+            except Exception as error:
+                raise TokenizerError(f"the SentencePiece vocabulary does not form a tokenizer: {error}",
+                                     where=f"{where} 'tokenizer.ggml.tokens'", fix="re-convert the model") from None
+            pre = PreTokenizer("default", ())
+        else:
+            backend, pre = cls._bpe_backend(field, tokens, token_types, where)
+
+        def token_id(key: str) -> int | None:
+            value = field(key)
+            if value is None:
+                return None
+            if not 0 <= int(value) < len(tokens):
+                raise TokenizerError(f"'{key}' = {value} is outside the vocabulary of {len(tokens)}", where=where,
+                                     fix="re-convert the model")
+            return int(value)
+
+        eos = token_id("tokenizer.ggml.eos_token_id")
+        if eos is None:
+            raise TokenizerError("'tokenizer.ggml.eos_token_id' is missing", where=where,
+                                 fix="re-convert the model with llama.cpp's convert_hf_to_gguf.py")
+        extra_ends = [i for i in (token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id"))
+                      if i is not None]
+        # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise
+        add_bos_default = True if spm is not None else pre.add_bos_default
+        return cls(backend, eos_token_id=eos, bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
+                   unk_token_id=token_id("tokenizer.ggml.unknown_token_id"),
+                   pad_token_id=token_id("tokenizer.ggml.padding_token_id"), extra_end_token_ids=extra_ends,
+                   add_bos_token=bool(field("tokenizer.ggml.add_bos_token", add_bos_default)),
+                   chat_template=field("tokenizer.chat_template"),
+                   chat_template_source=f"{where} 'tokenizer.chat_template'",
+                   gguf_pre=None if spm is not None else pre.name, spm=spm, source=where)
+
+    @staticmethod
+    def _bpe_backend(field, tokens: list[str], token_types: list[int], where: str):
+        """The byte-level BPE of a ``gpt2`` GGUF vocabulary and its llama.cpp pre-tokenizer."""
+        merges = field("tokenizer.ggml.merges", required=True)
         pre_name = str(field("tokenizer.ggml.pre", "default"))
         pre = _PRE_BY_NAME.get(pre_name)
         if pre is None:
@@ -232,34 +283,15 @@ class Tokenizer:
             for index, token_type in enumerate(token_types)
             if token_type in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN)
         ])
-
-        def token_id(key: str) -> int | None:
-            value = field(key)
-            if value is None:
-                return None
-            if not 0 <= int(value) < len(tokens):
-                raise TokenizerError(f"'{key}' = {value} is outside the vocabulary of {len(tokens)}", where=where,
-                                     fix="re-convert the model")
-            return int(value)
-
-        eos = token_id("tokenizer.ggml.eos_token_id")
-        if eos is None:
-            raise TokenizerError("'tokenizer.ggml.eos_token_id' is missing", where=where,
-                                 fix="re-convert the model with llama.cpp's convert_hf_to_gguf.py")
-        extra_ends = [i for i in (token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id"))
-                      if i is not None]
-        return cls(backend, eos_token_id=eos, bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
-                   unk_token_id=token_id("tokenizer.ggml.unknown_token_id"),
-                   pad_token_id=token_id("tokenizer.ggml.padding_token_id"), extra_end_token_ids=extra_ends,
-                   add_bos_token=bool(field("tokenizer.ggml.add_bos_token", pre.add_bos_default)),
-                   chat_template=field("tokenizer.chat_template"),
-                   chat_template_source=f"{where} 'tokenizer.chat_template'", gguf_pre=pre.name, source=where)
+        return backend, pre
 
     def to_gguf_metadata(self) -> dict[str, Any]:
         """GGUF ``tokenizer.*`` metadata (plain Python values) from which llama.cpp and
         ``from_gguf_metadata`` rebuild this tokenizer. Ids are uint32, token types int32 in the file."""
         state = json.loads(self.backend.to_str())
         model = state.get("model") or {}
+        if self.spm is not None or is_spm_backend(state):
+            return self._spm_gguf_metadata(state)
         if model.get("type") != "BPE" or state.get("decoder", {}).get("type") != "ByteLevel":
             raise TokenizerError(f"only byte-level BPE tokenizers can be written to GGUF, this one is "
                                  f"{model.get('type')}", where=self.source,
@@ -287,6 +319,34 @@ class Tokenizer:
             "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": token_types,
             "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.eos_token_id": self.eos_token_id,
+            "tokenizer.ggml.padding_token_id": self.pad_token_id,
+            "tokenizer.ggml.add_bos_token": self.add_bos_token,
+        }
+        optional = {
+            "tokenizer.ggml.bos_token_id": self.bos_token_id,
+            "tokenizer.ggml.unknown_token_id": self.unk_token_id,
+            "tokenizer.ggml.eot_token_id": self._eot_token_id(),
+            "tokenizer.chat_template": self.chat_template,
+        }
+        metadata.update({key: value for key, value in optional.items() if value is not None})
+        return metadata
+
+    def _spm_gguf_metadata(self, state: dict) -> dict[str, Any]:
+        """``tokenizer.ggml.model = "llama"`` metadata: the GGUF's own pieces, or those of a SentencePiece-style
+        tokenizer.json (scores from the folder's tokenizer.model when present)."""
+        spm = self.spm
+        if spm is None:
+            added = {token.content: token.special for token in self.backend.get_added_tokens_decoder().values()}
+            folder = Path(self.source) if Path(self.source).is_dir() else None
+            spm = vocab_from_hf(state, added, folder)
+        metadata = {
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": list(spm.tokens),
+            "tokenizer.ggml.scores": list(spm.scores),
+            "tokenizer.ggml.token_type": list(spm.token_types),
+            "tokenizer.ggml.add_space_prefix": spm.add_space_prefix,
             "tokenizer.ggml.eos_token_id": self.eos_token_id,
             "tokenizer.ggml.padding_token_id": self.pad_token_id,
             "tokenizer.ggml.add_bos_token": self.add_bos_token,

@@ -81,11 +81,19 @@ def test_unknown_pre_tokenizer_lists_supported(metadata):
     assert_one_line(caught.value, "x.gguf", "'deepseek-llm'", "smollm", "llama-bpe", "qwen2", "gpt2", "default")
 
 
-def test_sentencepiece_gguf_is_refused(metadata):
-    metadata["tokenizer.ggml.model"] = "llama"
+def test_unknown_tokenizer_model_is_refused(metadata):
+    metadata["tokenizer.ggml.model"] = "rwkv"
     with pytest.raises(TokenizerError) as caught:
-        Tokenizer.from_gguf_metadata(metadata, source="mistral.gguf")
-    assert_one_line(caught.value, "mistral.gguf", "'llama'", "tokenizer.json")
+        Tokenizer.from_gguf_metadata(metadata, source="rwkv.gguf")
+    assert_one_line(caught.value, "rwkv.gguf", "'rwkv'", "'llama', SentencePiece", "tokenizer.json")
+
+
+def test_sentencepiece_scores_must_match_the_tokens(metadata):
+    metadata["tokenizer.ggml.model"] = "llama"
+    metadata["tokenizer.ggml.scores"] = [0.0]
+    with pytest.raises(TokenizerError) as caught:
+        Tokenizer.from_gguf_metadata(metadata, source="m.gguf")
+    assert_one_line(caught.value, "m.gguf", "scores")
 
 
 @pytest.mark.parametrize("change", [

@@ -252,7 +252,8 @@ def load_tokenizer(source: str | os.PathLike | None = None):
     from .gguf_file import read_gguf_metadata
 
     # headers only: tensors are never dequantised here
-    metadata = {k: v for k, v in read_gguf_metadata(path).items() if k.startswith("tokenizer.")}
+    metadata = {k: v for k, v in read_gguf_metadata(path).items()
+                if k.startswith("tokenizer.") or k == "general.architecture"}
     return Tokenizer.from_gguf_metadata(metadata, source=path)
 
 
