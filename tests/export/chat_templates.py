@@ -70,6 +70,14 @@ MISTRAL_V01 = (
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
 
+from pathlib import Path
+
+_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "templates"
+GEMMA2 = (_FIXTURES / "gemma-2-it.jinja").read_text(encoding="utf-8")
+GEMMA3 = (_FIXTURES / "gemma-3-it.jinja").read_text(encoding="utf-8")
+PHI3 = (_FIXTURES / "phi-3-mini-instruct.jinja").read_text(encoding="utf-8")
+PHI4_MINI = (_FIXTURES / "phi-4-mini-instruct.jinja").read_text(encoding="utf-8")
+
 # name -> (template, bos, eos, end tokens)
 TEMPLATES = {
     "smollm2": (SMOLLM2, "<|im_start|>", "<|im_end|>", ["<|im_end|>"]),
@@ -79,4 +87,8 @@ TEMPLATES = {
     "llama3.1": (LLAMA31, "<|begin_of_text|>", "<|eot_id|>", ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"]),
     "mistral-v0.3": (MISTRAL_V03, "<s>", "</s>", ["</s>"]),
     "mistral-v0.1": (MISTRAL_V01, "<s>", "</s>", ["</s>"]),
+    "gemma-2": (GEMMA2, "<bos>", "<eos>", ["<end_of_turn>", "<eos>"]),
+    "gemma-3": (GEMMA3, "<bos>", "<eos>", ["<end_of_turn>", "<eos>"]),
+    "phi-3": (PHI3, "<s>", "<|endoftext|>", ["<|end|>", "<|endoftext|>"]),
+    "phi-4-mini": (PHI4_MINI, "<|endoftext|>", "<|endoftext|>", ["<|end|>", "<|endoftext|>"]),
 }

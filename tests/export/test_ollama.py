@@ -80,7 +80,8 @@ def test_go_template_matches_model_template(name, go_render):
         assert go_render(result.template, result.system, messages) == expected, messages
 
 
-@pytest.mark.parametrize("name", ["smollm2", "llama3.1", "mistral-v0.3"])
+@pytest.mark.parametrize("name", ["smollm2", "llama3.1", "mistral-v0.3", "gemma-2", "gemma-3", "phi-3",
+                                  "phi-4-mini"])
 def test_conversation_ending_with_assistant_is_left_open(name, go_render):
     template, bos, eos, ends = TEMPLATES[name]
     render = jinja_renderer(template, bos, eos)
@@ -101,6 +102,10 @@ def test_family_detection_and_defaults():
         "llama3.1": ("llama3", None),  # its preamble lives in the TEMPLATE, not in SYSTEM
         "mistral-v0.3": ("mistral", None),
         "mistral-v0.1": ("mistral", None),
+        "gemma-2": ("gemma", None),
+        "gemma-3": ("gemma", None),
+        "phi-3": ("phi3", None),
+        "phi-4-mini": ("phi3", None),
     }
     for name, (family, system) in expectations.items():
         template, bos, eos, ends = TEMPLATES[name]

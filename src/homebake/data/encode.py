@@ -86,6 +86,7 @@ class Encoder:
             if not full_text.startswith(start_text):
                 start_text = render(messages[:k], False)
             end_text = full_text if k == len(messages) - 1 else render(messages[:k + 1], False)
+            end_text = self._without_closing_eos(end_text, full_text)
             if not (full_text.startswith(start_text) and full_text.startswith(end_text)) \
                     or len(end_text) <= len(start_text):
                 encoded.unattributed_turns += 1  # the template renders this turn differently later on
@@ -102,6 +103,15 @@ class Encoder:
                 encoded.mask[i] = True
             encoded.trained_turns += end > start
         return encoded
+
+    def _without_closing_eos(self, end_text: str, full_text: str) -> str:
+        """Templates that close a finished conversation with EOS (Phi-3: ``{% else %}{{ eos_token }}``) render
+        a middle turn as a prefix of the whole conversation only without that EOS."""
+        eos = self.tokenizer.eos_token
+        if eos and not full_text.startswith(end_text) and end_text.endswith(eos) \
+                and full_text.startswith(end_text[:-len(eos)]):
+            return end_text[:-len(eos)]
+        return end_text
 
     def _tokens(self, text: str) -> list[int]:
         """Token ids of rendered text, with BOS added only if the model wants one and the template did not

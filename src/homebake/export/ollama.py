@@ -3,7 +3,9 @@
 Ollama does not run the model's Jinja chat template; it needs its own Go template, and a lost or
 wrong template is the classic cause of gibberish or endless output after a fine-tune. We support
 the template families that cover the models homebake trains, detected from the template text:
-ChatML (SmolLM2, Qwen2/2.5/3), Llama 3 (3.0-3.3) and Mistral ([INST]). The family fixes the
+ChatML (SmolLM2, Qwen2/2.5/3), Llama 3 (3.0-3.3), Mistral ([INST]), Gemma (<start_of_turn>; no system
+role in Gemma 2, the system text prefixed to the first user turn in Gemma 3) and Phi-3 (<|user|> ...
+<|end|>; Phi-3/3.5 with newlines, Phi-4-mini without). The family fixes the
 structure; the details that vary between models (a default system prompt, Llama 3.1's
 "Cutting Knowledge Date" preamble, Mistral's spacing and where the system prompt goes) are
 measured by rendering probe conversations through the model's own template, so the Go template
@@ -26,14 +28,17 @@ from ..errors import ExportError, HomebakeError
 # render(messages, add_generation_prompt) -> text, normally Tokenizer.render_chat
 Render = Callable[[list, bool], str]
 
-FAMILIES = ("chatml", "llama3", "mistral")
-_MARKERS = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>", "mistral": "[INST]"}
+FAMILIES = ("chatml", "llama3", "mistral", "gemma", "phi3")
+_MARKERS = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>", "mistral": "[INST]",
+            "gemma": "<start_of_turn>", "phi3": "<|assistant|>"}
 # Role markers a model must never emit inside its own answer: stopping on them is a safety net
 # for fine-tunes that learned the end token imperfectly.
 _FAMILY_STOPS = {
     "chatml": ["<|im_start|>", "<|im_end|>"],
     "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     "mistral": ["[INST]", "[/INST]"],
+    "gemma": ["<start_of_turn>", "<end_of_turn>"],
+    "phi3": ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>"],
 }
 # Probe texts: unlikely to occur in any template, free of characters templates transform.
 _SYS, _U1, _A1, _U2 = "SYSPROBE7f3a", "USERONEPROBE7f3a", "ASSISTANTPROBE7f3a", "USERTWOPROBE7f3a"
@@ -58,7 +63,8 @@ def detect_family(chat_template: str | None) -> str:
         "the model's chat template is not one Ollama export supports" if chat_template
         else "the model has no chat template, so Ollama would not know how to format a chat",
         where="tokenizer chat_template",
-        fix="supported families: ChatML (<|im_start|>), Llama 3 (<|start_header_id|>), Mistral ([INST]); "
+        fix="supported families: ChatML (<|im_start|>), Llama 3 (<|start_header_id|>), Mistral ([INST]), "
+            "Gemma (<start_of_turn>), Phi-3 (<|user|>/<|assistant|>); "
             "export with --format gguf and write the Modelfile TEMPLATE by hand",
     )
 
@@ -141,7 +147,50 @@ def _mistral(render: Render) -> OllamaTemplate:
     return OllamaTemplate("mistral", template)
 
 
-_BUILDERS = {"chatml": _chatml, "llama3": _llama3, "mistral": _mistral}
+def _go_text(text: str) -> str:
+    """Literal text inside a Go template (only "{{" needs escaping)."""
+    return text.replace("{{", "{{ \"{{\" }}")
+
+
+def _gemma(render: Render) -> OllamaTemplate:
+    """<start_of_turn>user / model ... <end_of_turn>; a system message is either refused (Gemma 2) or
+    written at the start of the first user turn (Gemma 3), followed by a measured separator."""
+    def turn(role: str) -> str:
+        return f"<start_of_turn>{role}\n"
+
+    close = "<end_of_turn>\n"
+    with_system = _probe(render, [{"role": "system", "content": _SYS}, {"role": "user", "content": _U1}], False)
+    system_part = ""
+    if with_system and _SYS in with_system:
+        between = with_system.split(_SYS, 1)[1].split(_U1, 1)[0]
+        system_part = "{{ if and $.System (not $sysDone) }}{{ $.System }}" + _go_text(between) + \
+            "{{ end }}{{ $sysDone = true }}"
+    template = (
+        "{{- $sysDone := false }}{{- range $i, $m := .Messages }}" + _LAST
+        + "{{- if eq $m.Role \"user\" }}" + turn("user") + system_part + "{{ $m.Content }}" + close
+        + "{{ if $last }}" + turn("model") + "{{ end }}"
+        + "{{- else if eq $m.Role \"assistant\" }}" + turn("model") + "{{ $m.Content }}{{ if not $last }}" + close
+        + "{{ end }}{{ end }}{{ end }}"
+    )
+    return OllamaTemplate("gemma", template)
+
+
+def _phi3(render: Render) -> OllamaTemplate:
+    """<|role|>SEP content <|end|>CLOSE; SEP and CLOSE are newlines in Phi-3/3.5, empty in Phi-4-mini."""
+    text = _probe(render, [{"role": "user", "content": _U1}], True) or ""
+    match = re.search(r"<\|user\|>(?P<sep>\s*)" + _U1 + r"<\|end\|>(?P<close>\s*)<\|assistant\|>", text)
+    if not match:
+        raise ExportError("could not read the Phi-3 chat format from the model's template",
+                          where="tokenizer chat_template", fix="export with --format gguf and write the TEMPLATE by hand")
+    sep, close = match.group("sep"), "<|end|>" + match.group("close")
+    turn = "<|{{ $m.Role }}|>" + sep + "{{ $m.Content }}"
+    template = ("{{- range $i, $m := .Messages }}" + _LAST + turn
+                + "{{ if or (not $last) (ne $m.Role \"assistant\") }}" + close + "{{ end }}"
+                + "{{ if and $last (ne $m.Role \"assistant\") }}<|assistant|>" + sep + "{{ end }}{{ end }}")
+    return OllamaTemplate("phi3", template)
+
+
+_BUILDERS = {"chatml": _chatml, "llama3": _llama3, "mistral": _mistral, "gemma": _gemma, "phi3": _phi3}
 
 
 def ollama_template(chat_template: str | None, render: Render, end_tokens: list[str]) -> OllamaTemplate:
