@@ -117,7 +117,8 @@ def load_hf_reference(directory: str | Path, **kwargs: Any):
                                                 **kwargs).eval()
 
 
-CHATML_TEMPLATE = (Path(__file__).resolve().parent / "fixtures" / "templates" / "smollm2-chatml.jinja").read_text()
+TESTS_TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "templates"
+CHATML_TEMPLATE = (TESTS_TEMPLATES / "smollm2-chatml.jinja").read_text()
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 

@@ -9,13 +9,16 @@ SentencePiece-style tokenizer.json folder (with or without tokenizer.model) -> G
 
 from __future__ import annotations
 
-import io
-import json
 import shutil
+import sys
+from pathlib import Path
 
 import gguf
 import pytest
-from tok_fixtures import _CORPUS_EXTRA, STRINGS
+from tok_fixtures import STRINGS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for spm_fixtures
+from spm_fixtures import spm_gguf_metadata, train_spm  # noqa: E402
 
 from homebake.spm import read_sentencepiece_model
 from homebake.tokenizer import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, Tokenizer
@@ -23,20 +26,8 @@ from homebake.tokenizer import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, Tokenize
 spm = pytest.importorskip("sentencepiece")
 transformers = pytest.importorskip("transformers")
 
-CHAT_MARKERS = ["<start_of_turn>", "<end_of_turn>", "<|user|>", "<|end|>", "<|assistant|>"]
 EXTRA_STRINGS = ["x<end_of_turn>y <end_of_turn> z", "<|user|>\nHi there<|end|>\n<|assistant|>\n",
                  "<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n", "  two  spaces", "tab\there"]
-
-
-def train(add_dummy_prefix: bool) -> bytes:
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(STRINGS * 3 + _CORPUS_EXTRA * 5), model_writer=model, model_type="bpe",
-        vocab_size=600, byte_fallback=True, character_coverage=0.98, user_defined_symbols=CHAT_MARKERS,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=add_dummy_prefix,
-        minloglevel=2)
-    return model.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -46,34 +37,13 @@ def spm_models(tmp_path_factory):
     models = {}
     for name, prefix in (("gemma2", False), ("phi3", True), ("llama", True)):
         path = root / f"{name}.model"
-        path.write_bytes(train(prefix))
+        path.write_bytes(train_spm(prefix))
         models[name] = (spm.SentencePieceProcessor(model_file=str(path)), path)
     return models
 
 
 def gguf_metadata(processor, arch: str, add_space_prefix: bool) -> dict:
-    """Tokenizer metadata as llama.cpp's converter writes a SentencePiece vocabulary (chat markers CONTROL)."""
-    tokens = [processor.id_to_piece(i) for i in range(processor.vocab_size())]
-
-    def kind(i: int) -> int:
-        if processor.is_unknown(i):
-            return 2
-        if processor.is_control(i) or tokens[i] in CHAT_MARKERS:
-            return 3
-        if processor.is_byte(i):
-            return 6
-        return 1
-
-    return {
-        "general.architecture": arch,
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.scores": [processor.get_score(i) for i in range(len(tokens))],
-        "tokenizer.ggml.token_type": [kind(i) for i in range(len(tokens))],
-        "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-        "tokenizer.ggml.padding_token_id": 3,
-        "tokenizer.ggml.add_space_prefix": add_space_prefix, "tokenizer.ggml.add_bos_token": True,
-    }
+    return spm_gguf_metadata(processor, arch, add_space_prefix)
 
 
 def write_gguf_file(path, metadata: dict) -> None:
