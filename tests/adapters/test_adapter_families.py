@@ -5,7 +5,6 @@ tensor names."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -63,8 +63,3 @@ class Phi3CausalLM(CausalLM):
 
     layer_class = Phi3DecoderLayer
 
-
-def split_qkv(weight: torch.Tensor, args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Q, K and V row blocks of a fused ``qkv_proj`` weight (or of a LoRA B / bias on it)."""
-    q_rows, kv_rows = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-    return tuple(weight.split((q_rows, kv_rows, kv_rows), dim=0))
