@@ -5,7 +5,6 @@ tensor names."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from adapter_helpers import peft, randomize_adapters, transformers
