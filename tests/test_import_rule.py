@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "homebake"
 # Lowest first. A unit (a top-level module or subpackage of homebake) may import only units of lower layers.
 LAYERS = [
     ["__init__", "errors"],
-    ["fsutil", "device", "default_model", "chat_template"],
+    ["fsutil", "device", "default_model", "chat_template", "spm"],
     ["run_folder", "metrics", "tokenizer"],
     ["model"],
     ["data"],
