@@ -32,9 +32,10 @@ def family_gguf(tmp_path_factory):
 
     cache = {}
 
-    def get(family: str):
-        if family in cache:
-            return cache[family]
+    def get(family: str, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key in cache:
+            return cache[key]
         root = tmp_path_factory.mktemp(family)
         processor = spm.SentencePieceProcessor(model_proto=train_spm(add_dummy_prefix=family == "phi3"))
         end = "<|end|>" if family == "phi3" else "<end_of_turn>"
@@ -43,13 +44,13 @@ def family_gguf(tmp_path_factory):
                                      chat_template=template)
         metadata["tokenizer.ggml.eot_token_id"] = processor.piece_to_id(end)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
-        folder = save_tiny_hf_model(root / "hf", family, vocab_size=608)  # 8 embedding rows past the vocab
+        folder = save_tiny_hf_model(root / "hf", family, vocab_size=608, **overrides)  # 8 rows past the vocab
         loaded = load_model(folder, with_tokenizer=False)
         path = root / f"{family}.gguf"
         write_model_gguf(path, loaded.model.state_dict(), loaded.args, tokenizer_metadata=tokenizer_gguf_metadata(
             tokenizer), quant="F32")
-        cache[family] = (path, load_hf_reference(folder), tokenizer)
-        return cache[family]
+        cache[key] = (path, load_hf_reference(folder), tokenizer)
+        return cache[key]
 
     return get
 
@@ -105,3 +106,30 @@ def test_ollama_export_uses_the_family_template(family, marker, stop, family_ggu
     assert code == 0, err
     modelfile = (out / "Modelfile").read_text()
     assert marker in modelfile and f'PARAMETER stop "{stop}"' in modelfile
+
+
+# Where llama.cpp departs from transformers on purpose, the tiny configs take the real models' values: llama.cpp
+# scales Gemma 2's attention by 1/sqrt(head_dim) as in the 2B/9B releases (query_pre_attn_scalar == head_dim;
+# 27B is special-cased by its size), and runs Phi-3 without its sliding window (2047 in the real 4k model, so
+# prompts shorter than that are unaffected).
+LLAMA_CPP_CONFIGS = {"gemma2": {"query_pre_attn_scalar": 32}, "gemma3": {}, "phi3": {"sliding_window": 64}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(LLAMA_CPP_CONFIGS))
+def test_llama_cpp_runs_the_family_gguf(family, family_gguf):
+    """llama.cpp itself reads our gemma2 / gemma3 / phi3 layout (names, metadata, SentencePiece vocabulary) and
+    computes what homebake computes: F32 weights, so no activation quantisation; the same tokens, top-1
+    agreement and close logits over every position of a chat prompt."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path, _, tokenizer = family_gguf(family, **LLAMA_CPP_CONFIGS[family])
+    ours = load_model(path)
+    ids = tokenizer.encode_chat(CHAT + [{"role": "assistant", "content": "2 + 2 is 4, I think."}])
+    expected = logits_of(ours.model, ids)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    assert llm.tokenize(TEXTS[0].encode(), add_bos=False, special=True) == tokenizer.encode(TEXTS[0])
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)[:, : expected.shape[1]]
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert agreement >= 0.9, agreement
+    assert (got - expected).abs().max().item() < 1e-2 * max(1.0, expected.abs().max().item())
