@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError, ExportError, ModelLoadError
 from .config import LoraConfig
+from .fused import fused_lora_linear
 from .nf4 import NF4Linear, NF4Weight, nf4_linear
 
 ADAPTER_SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude": "magnitude"}
@@ -37,10 +38,23 @@ def _row_norm(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
     return torch.linalg.vector_norm(weight, dim=1, dtype=dtype)
 
 
-class LoraLinear(nn.Module):
-    """A frozen linear layer (dense or NF4) plus a trainable LoRA/DoRA adapter."""
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projection computes in: autocast's where it is on (and x is floating), else x's."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
-    def __init__(self, base: nn.Linear | NF4Linear, config: LoraConfig, *, adapter_dtype: torch.dtype = torch.float32):
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer (dense or NF4) plus a trainable LoRA/DoRA adapter.
+
+    LoRA runs as one fused autograd function (``adapters.fused``): dropout as a 1-byte mask, the scale folded
+    into the N x r intermediate, the adapter term added in place. ``fast_dropout`` draws the training masks
+    from 31-bit integers (cheaper on CPU); off, they equal torch's dropout masks at the same seed.
+    """
+
+    def __init__(self, base: nn.Linear | NF4Linear, config: LoraConfig, *, adapter_dtype: torch.dtype = torch.float32,
+                 fast_dropout: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         if isinstance(base, NF4Linear):
@@ -58,6 +72,8 @@ class LoraLinear(nn.Module):
 
         self.r = config.r
         self.scaling = config.scaling
+        self.dropout = float(config.dropout)
+        self.fast_dropout = fast_dropout
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(config.r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
@@ -105,8 +121,16 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_magnitude is None:
-            return self._base(x, None, self.bias) + self._adapter(self.lora_dropout(x)) * self.scaling
+            dtype = _compute_dtype(x)
+            weight = None if self.weight_nf4 is not None else self.frozen_weight(dtype)
+            return fused_lora_linear(x.to(dtype), weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                     bias=self.bias, nf4=self.weight_nf4, dropout=self.dropout,
+                                     training=self.training, fast_masks=self.fast_dropout)
         return self._dora_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfused LoRA expression with module dropout (PEFT's form); the fused forward must equal it."""
+        return self._base(x, None, self.bias) + self._adapter(self.lora_dropout(x)) * self.scaling
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.frozen_weight(x.dtype)
@@ -190,18 +214,22 @@ def find_target_modules(model: nn.Module, target_modules, *, allow_wrapped: bool
     return selected
 
 
-def inject_lora(model: nn.Module, config: LoraConfig, *, adapter_dtype: torch.dtype = torch.float32) -> list[str]:
+def inject_lora(model: nn.Module, config: LoraConfig, *, adapter_dtype: torch.dtype = torch.float32,
+                fast_dropout: bool = False) -> list[str]:
     """Wrap the targeted linear layers in ``LoraLinear`` (in place) and freeze everything but the adapters.
 
     Returns the wrapped module paths. The adapters are created on each layer's device in ``adapter_dtype``;
-    use torch's RNG seed for reproducible initialisation.
+    use torch's RNG seed for reproducible initialisation. ``fast_dropout`` (what training uses) draws dropout
+    masks from 31-bit integers, about half the cost of torch's; without it the masks equal torch's dropout
+    (and so PEFT's) at the same seed.
     """
     config.validate()
     targets = find_target_modules(model, config.target_modules)
     for param in model.parameters():
         param.requires_grad_(False)
     for path, module in targets:
-        replace_module(model, path, LoraLinear(module, config, adapter_dtype=adapter_dtype))
+        replace_module(model, path, LoraLinear(module, config, adapter_dtype=adapter_dtype,
+                                               fast_dropout=fast_dropout))
     return [path for path, _ in targets]
 
 

@@ -4,7 +4,11 @@ Parameter names are exactly Hugging Face's, so a safetensors checkpoint loads by
 applied separately (``logits``) so training can compute it only at trained positions.
 
 Packing: when ``position_ids`` restarts at 0 inside a row, each restart begins a new example and
-attention is block-diagonal causal, so no example sees another.
+attention is block-diagonal causal, so no example sees another (``model/attention.py``: the rows are cut at
+example boundaries, so attention costs what the examples need, not T^2).
+
+Other families reuse the pieces: ``RMSNorm``, ``MLP``, ``KVCache``, ``AttentionPlan.build`` once per forward
+and ``attention(q, k, v, plan, window=..., scale=...)`` per layer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs
+from .attention import AttentionPlan, attention, attention_mask  # noqa: F401 (attention_mask: re-exported)
 from .rope import apply_rope, length_dependent, rope_cos_sin, rope_inv_freq
 
 
@@ -65,7 +70,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, plan: AttentionPlan, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
@@ -76,10 +81,7 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.store(layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(attention(q, k, v, plan, window=self.window))
 
 
 class MLP(nn.Module):
@@ -105,8 +107,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, kv_cache: KVCache | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache, self.layer)
+    def forward(self, h, cos, sin, plan: AttentionPlan, kv_cache: KVCache | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, plan, kv_cache, self.layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -120,33 +122,6 @@ class DecoderModel(nn.Module):
         self.embed_tokens = (embedding_class or nn.Embedding)(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layer_class(args, i) for i in range(args.num_hidden_layers))
         self.norm = norm_class(args.hidden_size, args.rms_norm_eps)
-
-
-def attention_mask(
-    position_ids: torch.Tensor | None, start: int, length: int, window: int | None, packed: bool, device,
-    key_mask: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """Boolean mask (B|1, 1, T, start+T), True = may attend; None when plain causal attention suffices.
-
-    Queries are tokens start..start+T-1, keys 0..start+T-1. Packed rows restrict attention to the
-    query's own example (a new example starts wherever position_ids is 0). ``key_mask`` (B, start+T),
-    False at padding, hides left-padded keys in batched generation; a padding query sees only itself,
-    so its (unused) output stays finite.
-    """
-    if start == 0 and window is None and not packed and key_mask is None:
-        return None
-    q_idx = torch.arange(start, start + length, device=device)[:, None]
-    k_idx = torch.arange(start + length, device=device)[None, :]
-    mask = k_idx <= q_idx
-    if window is not None:
-        mask = mask & (q_idx - k_idx < window)
-    mask = mask[None, None]
-    if packed:
-        segment = torch.cumsum((position_ids == 0).int(), dim=1)  # (B, T); only used without a cache
-        mask = mask & (segment[:, None, :, None] == segment[:, None, None, :])
-    if key_mask is not None:
-        mask = (mask & key_mask[:, None, None, :]) | (q_idx == k_idx)[None, None]
-    return mask
 
 
 class CausalLM(nn.Module):
@@ -166,7 +141,6 @@ class CausalLM(nn.Module):
         self.gradient_checkpointing = False
         # RoPE frequencies stay float32 and outside the state dict, so model.to(bfloat16) cannot round them.
         self._inv_freq, self._rope_scaling = rope_inv_freq(args)
-        self._windows = sorted({args.layer_window(i) for i in range(args.num_hidden_layers)}, key=str)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -217,14 +191,13 @@ class CausalLM(nn.Module):
 
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype, kv_cache)
-        masks = {w: attention_mask(position_ids, start, length, w, packed, device, key_mask) for w in self._windows}
+        plan = AttentionPlan.build(position_ids, batch, length, start=start, key_mask=key_mask, packed=packed)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            mask = masks[layer.self_attn.window]
             if use_checkpoint and kv_cache is None:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, plan, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, kv_cache)
+                h = layer(h, cos, sin, plan, kv_cache)
         if kv_cache is not None:
             kv_cache.length = start + length
         return self.model.norm(h)
