@@ -36,12 +36,34 @@ BUCKET_ALIGN = 8
 
 @dataclass
 class Bucket:
-    """Examples of similar length, gathered as ``count`` blocks of ``length`` tokens (padded at the end)."""
+    """Examples of similar length, attended as ``count`` blocks of ``length`` tokens (padded at the end)."""
 
     length: int
     count: int
-    index: torch.Tensor  # (count * length,) flat token positions; padding repeats the example's last token
-    valid: torch.Tensor  # (real tokens,) rows of the gathered block that hold real tokens
+    tokens: torch.Tensor  # (count, length) flat token positions; padding repeats the example's last token
+    valid: torch.Tensor  # (count, length) bool, False at padding
+
+
+class _RowGather(torch.autograd.Function):
+    """rows = x.index_select(0, index) whose backward is another gather (``grad_index``), not a scatter-add.
+
+    Exact when every row of x that receives gradient is gathered once; rows that were gathered more than
+    once (padding copies) get zero gradient through their copies. ``zero_row``: ``grad_index`` may point
+    one past the end, at a zero row (slots that carry no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, grad_index, zero_row: bool):
+        ctx.save_for_backward(grad_index)
+        ctx.zero_row = zero_row
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (grad_index,) = ctx.saved_tensors
+        if ctx.zero_row:
+            grad = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])
+        return grad.index_select(0, grad_index), None, None, None
 
 
 @dataclass
@@ -53,7 +75,6 @@ class AttentionPlan:
     start: int = 0
     key_mask: torch.Tensor | None = None
     buckets: list[Bucket] | None = None  # packed rows cut at example boundaries
-    order: torch.Tensor | None = None  # token order of the concatenated bucket outputs
     position_ids: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
@@ -67,8 +88,33 @@ class AttentionPlan:
                       and bool((position_ids[:, 1:] == 0).any()))
         plan = cls(batch, length, start, key_mask, position_ids=position_ids)
         if packed and key_mask is None and start == 0:
-            plan.buckets, plan.order = _bucket_segments(position_ids)
+            plan.buckets = _bucket_segments(position_ids)
         return plan
+
+    def gather_index(self, heads: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row indices between token-major rows (B*T*heads, D) and the buckets' block rows (count, heads, L, D).
+
+        Returns (block_from_token, block_from_token_or_zero, token_from_block): the first gathers blocks
+        (padding repeats a real token), the second is the same with padding pointing at a zero row (one past
+        the end), the third gathers tokens back from the concatenated blocks (each token's real slot).
+        """
+        key = ("gather", heads, str(device))
+        if key not in self._masks:
+            heads_range = torch.arange(heads)
+            blocks, blocks_or_zero, slot_of_row = [], [], []
+            token_rows = torch.empty(self.batch * self.length * heads, dtype=torch.long)
+            offset = 0
+            for bucket in self.buckets:
+                rows = bucket.tokens[:, None, :] * heads + heads_range[None, :, None]  # (count, heads, L)
+                blocks.append(rows.flatten())
+                valid = bucket.valid[:, None, :].expand_as(rows)
+                blocks_or_zero.append(torch.where(valid, rows, self.batch * self.length * heads).flatten())
+                positions = offset + torch.arange(rows.numel()).view_as(rows)
+                token_rows[rows[valid]] = positions[valid]
+                offset += rows.numel()
+            self._masks[key] = tuple(torch.cat(t).to(device) for t in (blocks, blocks_or_zero)) + (
+                token_rows.to(device),)
+        return self._masks[key]
 
     def dense_mask(self, window: int | None, device) -> torch.Tensor | None:
         """The boolean (B|1, 1, T, start+T) mask of the general path (True = may attend), cached per window."""
@@ -96,10 +142,10 @@ class AttentionPlan:
         return self._masks[key]
 
 
-def _bucket_segments(position_ids: torch.Tensor) -> tuple[list[Bucket], torch.Tensor]:
+def _bucket_segments(position_ids: torch.Tensor) -> list[Bucket]:
     """Cut rows where position ids restart at 0 and group the examples into length buckets."""
     batch, length = position_ids.shape
-    starts = (position_ids == 0)
+    starts = (position_ids == 0).cpu()
     starts[:, 0] = True
     segments = []  # (flat start, length)
     for row, cols in enumerate(_row_starts(starts)):
@@ -117,20 +163,15 @@ def _bucket_segments(position_ids: torch.Tensor) -> tuple[list[Bucket], torch.Te
                 continue
         groups.append([segment])
         need = segment[1] ** 2
-    device = position_ids.device
-    buckets, sources = [], []
+    buckets = []
     for group in groups:
         block = _aligned(group[0][1])
-        index, valid = [], []
-        for i, (first, n) in enumerate(group):
-            index += list(range(first, first + n)) + [first + n - 1] * (block - n)
-            valid += range(i * block, i * block + n)
-            sources += range(first, first + n)
-        buckets.append(Bucket(block, len(group), torch.tensor(index, device=device),
-                              torch.tensor(valid, device=device)))
-    order = torch.empty(batch * length, dtype=torch.long)
-    order[torch.tensor(sources)] = torch.arange(batch * length)
-    return buckets, order.to(device)
+        steps = torch.arange(block)
+        first = torch.tensor([f for f, _ in group])[:, None]
+        count = torch.tensor([n for _, n in group])[:, None]
+        tokens = first + torch.minimum(steps[None, :], count - 1)
+        buckets.append(Bucket(block, len(group), tokens, steps[None, :] < count))
+    return buckets
 
 
 def _row_starts(starts: torch.Tensor) -> list[list[int]]:
@@ -197,16 +238,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attention
 
 def _packed(q, k, v, plan: AttentionPlan, window, scale, kernel) -> torch.Tensor:
     batch, heads, length, dim = q.shape
-    flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (q, k, v)]
-    outputs = []
-    for bucket in plan.buckets:
-        blocks = [t.index_select(0, bucket.index).view(bucket.count, bucket.length, t.shape[1], dim).transpose(1, 2)
-                  for t in flat]
-        out = causal_blocks(*blocks, plan, window, scale, kernel)  # (count, H, L, D)
-        out = out.transpose(1, 2).reshape(bucket.count * bucket.length, heads * dim)
-        outputs.append(out.index_select(0, bucket.valid))
+    gathered = []
+    for t in (q, k, v):  # (B, h, T, D) -> token-major rows (B*T*h, D) -> every bucket's blocks, one gather
+        rows = t.transpose(1, 2).reshape(batch * length * t.shape[1], dim)
+        block_from_token, _, token_from_block = plan.gather_index(t.shape[1], t.device)
+        gathered.append(_RowGather.apply(rows, block_from_token, token_from_block, False))
+    q_rows, k_rows, v_rows = gathered
+    kv_heads = k.shape[1]
+    outputs, q_at, kv_at = [], 0, 0
+    for bucket in plan.buckets:  # each bucket's blocks are consecutive rows of the gathered tensors
+        q_size, kv_size = (bucket.count * h * bucket.length for h in (heads, kv_heads))
+        shape = (bucket.count, -1, bucket.length, dim)
+        out = causal_blocks(q_rows[q_at:q_at + q_size].view(shape), k_rows[kv_at:kv_at + kv_size].view(shape),
+                            v_rows[kv_at:kv_at + kv_size].view(shape), plan, window, scale, kernel)
+        outputs.append(out.reshape(-1, dim))
+        q_at, kv_at = q_at + q_size, kv_at + kv_size
     merged = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    return merged.index_select(0, plan.order).view(batch, length, heads * dim)
+    _, block_from_token_or_zero, token_from_block = plan.gather_index(heads, q.device)
+    out = _RowGather.apply(merged, token_from_block, block_from_token_or_zero, True)
+    return out.view(batch, length, heads * dim)
 
 
 def causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, window: int | None,

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs
 from .attention import AttentionPlan, attention, attention_mask  # noqa: F401 (attention_mask: re-exported)
+from .norm import rms_norm
 from .rope import apply_rope, length_dependent, rope_cos_sin, rope_inv_freq
 
 
@@ -32,8 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fused kernel; reduced-precision inputs are normalised in float32 internally
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # one autograd function; reduced-precision inputs are normalised in float32 internally (model/norm.py)
+        return rms_norm(x, self.weight, self.eps)
 
 
 @dataclass
