@@ -214,29 +214,35 @@ def attention_mask(
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *,
-              window: int | None = None, scale: float | None = None, kernel: str = "auto") -> torch.Tensor:
+              window: int | None = None, scale: float | None = None, softcap: float | None = None,
+              kernel: str = "auto") -> torch.Tensor:
     """Causal attention of q (B, H, T, D) over k, v (B, KV, S, D), S = plan.start + T; returns (B, T, H * D).
 
     Packed rows attend within their examples only, ``window`` limits how far back a query looks (sliding
     window), grouped-query heads (H a multiple of KV) share keys/values, ``scale`` defaults to D^-1/2.
-    ``kernel`` ("auto", "matmul" or "sdpa") picks the block kernel; "auto" chooses per dtype, device and length.
+    ``softcap`` applies tanh soft-capping to the scores (Gemma 2: ``softcap * tanh(scores / softcap)``, softmax in
+    float32), which only the matmul kernel does. ``kernel`` ("auto", "matmul" or "sdpa") picks the block kernel;
+    "auto" chooses per dtype, device and length.
     """
     batch, heads, length, dim = q.shape
     scale = dim ** -0.5 if scale is None else scale
     if plan.start == 0 and plan.key_mask is None:
         if plan.buckets is None:  # each row is one causal block
-            out = causal_blocks(q, k, v, plan, window, scale, kernel)
+            out = causal_blocks(q, k, v, plan, window, scale, kernel, softcap)
             return out.transpose(1, 2).reshape(batch, length, heads * dim)
-        return _packed(q, k, v, plan, window, scale, kernel)
+        return _packed(q, k, v, plan, window, scale, kernel, softcap)
     if length == 1 and window is None and plan.key_mask is None:
         mask = None  # one new token with a cache sees every key
     else:
         mask = plan.dense_mask(window, q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=heads != k.shape[1])
+    if softcap is not None:
+        out = _explicit_attention(q, k, v, scale, softcap, allowed=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=heads != k.shape[1])
     return out.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
-def _packed(q, k, v, plan: AttentionPlan, window, scale, kernel) -> torch.Tensor:
+def _packed(q, k, v, plan: AttentionPlan, window, scale, kernel, softcap) -> torch.Tensor:
     batch, heads, length, dim = q.shape
     gathered = []
     for t in (q, k, v):  # (B, h, T, D) -> token-major rows (B*T*h, D) -> every bucket's blocks, one gather
@@ -250,7 +256,7 @@ def _packed(q, k, v, plan: AttentionPlan, window, scale, kernel) -> torch.Tensor
         q_size, kv_size = (bucket.count * h * bucket.length for h in (heads, kv_heads))
         shape = (bucket.count, -1, bucket.length, dim)
         out = causal_blocks(q_rows[q_at:q_at + q_size].view(shape), k_rows[kv_at:kv_at + kv_size].view(shape),
-                            v_rows[kv_at:kv_at + kv_size].view(shape), plan, window, scale, kernel)
+                            v_rows[kv_at:kv_at + kv_size].view(shape), plan, window, scale, kernel, softcap)
         outputs.append(out.reshape(-1, dim))
         q_at, kv_at = q_at + q_size, kv_at + kv_size
     merged = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -260,26 +266,50 @@ def _packed(q, k, v, plan: AttentionPlan, window, scale, kernel) -> torch.Tensor
 
 
 def causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, window: int | None,
-                  scale: float, kernel: str = "auto") -> torch.Tensor:
+                  scale: float, kernel: str = "auto", softcap: float | None = None) -> torch.Tensor:
     """Causal (+ window) attention within each of n blocks: q (n, H, L, D), k/v (n, KV, L, D) -> (n, H, L, D)."""
     n, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     if kernel not in ("auto", "matmul", "sdpa"):
         raise ValueError(f"unknown attention kernel {kernel!r} (auto, matmul or sdpa)")
-    if kernel == "matmul" or (kernel == "auto" and _use_matmul(q, heads, length)):
-        group = heads // kv_heads
-        q3 = q.reshape(n * kv_heads, group * length, dim)
-        k3 = k.reshape(n * kv_heads, length, dim)
-        v3 = v.reshape(n * kv_heads, length, dim)
-        mask = plan.block_mask(length, window, q.dtype, q.device, repeat=group)
-        scores = torch.baddbmm(mask, q3, k3.transpose(1, 2), alpha=scale)
-        probs = torch.softmax(scores, dim=-1)
-        return torch.bmm(probs, v3).view(n, heads, length, dim)
+    if softcap is not None or kernel == "matmul" or (kernel == "auto" and _use_matmul(q, heads, length)):
+        mask = plan.block_mask(length, window, q.dtype, q.device, repeat=heads // kv_heads)
+        return _explicit_attention(q, k, v, scale, softcap, additive=mask)
     gqa = heads != kv_heads
     if window is None or window >= length:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = plan.block_mask(length, window, q.dtype, q.device, additive=False)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _explicit_attention(q, k, v, scale: float, softcap: float | None, *, additive: torch.Tensor | None = None,
+                        allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale [soft-capped] + mask) v as batched matmuls, grouped-query heads folded into rows.
+
+    ``additive``: (group * L, S) 0/-inf mask; ``allowed``: boolean (B|1, 1, L, S) mask; neither: no mask.
+    """
+    n, heads, length, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q3 = q.reshape(n * kv_heads, group * length, dim)
+    k3 = k.reshape(n * kv_heads, keys, dim)
+    v3 = v.reshape(n * kv_heads, keys, dim)
+    if softcap is None and additive is not None:
+        scores = torch.baddbmm(additive, q3, k3.transpose(1, 2), alpha=scale)
+    else:
+        scores = torch.bmm(q3, k3.transpose(1, 2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if additive is not None:
+            scores = scores + additive
+        elif allowed is not None:
+            hidden = ~allowed[:, :, None].expand(n, 1, 1, length, keys).expand(n, kv_heads, group, length, keys)
+            scores = scores.masked_fill(hidden.reshape(n * kv_heads, group * length, keys), float("-inf"))
+    if softcap is not None and scores.dtype != torch.float32:
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.bmm(probs, v3).view(n, heads, length, dim)
 
 
 def _use_matmul(q: torch.Tensor, heads: int, length: int) -> bool:
