@@ -144,3 +144,28 @@ def test_packed_model_gradients_equal_the_sum_over_examples_alone(tiny_dir):
             total += grad
     for got, want in zip(packed, alone):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["packed", "sliding_window_unpacked"])
+def test_soft_capped_scores_equal_the_dense_reference(case):
+    """Gemma 2's tanh soft-capping runs in the matmul kernel and matches the dense path with the same cap."""
+    spec, cap = CASES[case], 2.0
+    batch = len(spec["rows"]) if spec["rows"] else 2
+    width = spec["width"]
+    positions = _positions(spec["rows"], width) if spec["rows"] else torch.arange(width).expand(batch, width)
+    q, k, v = _qkv(batch, 6, 2, width, seed=3)
+    q = (q.detach() * 3).requires_grad_(True)  # scores well beyond the cap
+    out = attention(q, k, v, AttentionPlan.build(positions, batch, width), window=spec["window"], scale=0.3,
+                    softcap=cap)
+    mask = attention_mask(positions, 0, width, spec["window"], spec["packed"], "cpu")
+    if mask is None:
+        mask = torch.ones(width, width, dtype=torch.bool).tril()
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    scores = torch.tanh(qd @ kd.repeat_interleave(3, dim=1).transpose(-1, -2) * 0.3 / cap) * cap
+    reference = (torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vd.repeat_interleave(3, dim=1))
+    reference = reference.transpose(1, 2).reshape(batch, width, -1)
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    want = torch.autograd.grad(reference.sum(), (qd, kd, vd))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)

@@ -101,7 +101,7 @@ class AttentionPlan:
         key = ("gather", heads, str(device))
         if key not in self._masks:
             heads_range = torch.arange(heads)
-            blocks, blocks_or_zero, slot_of_row = [], [], []
+            blocks, blocks_or_zero = [], []
             token_rows = torch.empty(self.batch * self.length * heads, dtype=torch.long)
             offset = 0
             for bucket in self.buckets:

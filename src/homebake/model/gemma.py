@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .attention import AttentionPlan, attention
 from .decoder import MLP, CausalLM, KVCache
 from .rope import apply_rope, base_inv_freq, rope_cos_sin
 
@@ -51,23 +52,6 @@ class GemmaMLP(MLP):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, scale: float,
-           softcap: float | None) -> torch.Tensor:
-    """Attention (B, H, T, D) with the given score scale; tanh soft-capping of the scores when ``softcap``."""
-    groups = q.shape[1] // k.shape[1]
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                              enable_gqa=groups != 1)
-    if groups != 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    if mask is None:  # plain causal attention over a fresh sequence
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
-
-
 class GemmaAttention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -86,7 +70,7 @@ class GemmaAttention(nn.Module):
             self.q_norm = GemmaRMSNorm(self.head_dim, args.rms_norm_eps)
             self.k_norm = GemmaRMSNorm(self.head_dim, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, plan: AttentionPlan, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         if isinstance(cos, dict):  # Gemma 3: one RoPE table per attention kind
             cos, sin = cos[self.rope_kind], sin[self.rope_kind]
         batch, length, _ = x.shape
@@ -99,8 +83,7 @@ class GemmaAttention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.store(layer, k, v)
-        out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(attention(q, k, v, plan, window=self.window, scale=self.scale, softcap=self.softcap))
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -114,8 +97,8 @@ class GemmaDecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, kv_cache: KVCache | None = None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache, self.layer)
+    def forward(self, h, cos, sin, plan: AttentionPlan, kv_cache: KVCache | None = None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, plan, kv_cache, self.layer)
         h = h + self.post_attention_layernorm(attn)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 

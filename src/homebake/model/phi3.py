@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .attention import AttentionPlan, attention
 from .decoder import CausalLM, DecoderLayer, KVCache
 from .rope import apply_rope
 
@@ -27,7 +28,7 @@ class Phi3Attention(nn.Module):
         self.qkv_proj = nn.Linear(args.hidden_size, rows, bias=args.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=args.attention_out_bias)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, plan: AttentionPlan, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         batch, length, _ = x.shape
         q_rows, kv_rows = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split((q_rows, kv_rows, kv_rows), dim=-1)
@@ -36,10 +37,7 @@ class Phi3Attention(nn.Module):
         v = v.reshape(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.store(layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(attention(q, k, v, plan, window=self.window))
 
 
 class Phi3MLP(nn.Module):
