@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from ..adapters.config import LoraConfig
-from ..data.config import DataConfig
+from ..adapters.config import INITS, LoraConfig
+from ..data.config import FORMATS, TRAIN_ON, TRUNCATION, DataConfig
 from ..default_model import DEFAULT_MODEL_NAME
 from ..errors import ConfigError
 from ..run_folder import CONFIG_FILE
@@ -150,6 +151,9 @@ class TrainConfig:
 SECTIONS: dict[str, tuple[type, str]] = {"data": (DataConfig, ""), "lora": (LoraConfig, "lora-")}
 # Flags spelled differently from their field, for the common case.
 FLAG_ALIASES = {("data", "paths"): "--data", ("lora", "use_rslora"): "--rslora", ("lora", "use_dora"): "--dora"}
+# Settings with a fixed set of values: the flag shows and checks them (`--method {lora,dora,qlora,full}`).
+CHOICES = {"method": METHODS, "precision": PRECISIONS, "schedule": SCHEDULES, "data.format": FORMATS,
+           "data.train_on": TRAIN_ON, "data.truncation": TRUNCATION, "lora.init": INITS}
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -175,13 +179,18 @@ def _yaml_value(text: str):
 def _add_flag(group, flags: list[str], dest: str, tp, help_text: str) -> None:
     tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
-    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
-    if tp is bool:
+    # argparse %-formats help strings: a literal % ("~30% slower") must be doubled
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+    if dest in CHOICES:
+        kwargs["choices"] = CHOICES[dest]
+    elif tp is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif origin in (list, tuple):
         kwargs["nargs"] = "+"
         kwargs["metavar"] = "VALUE"
-    elif tp in (int, float, str):
+    elif tp is str:  # a path or a name: shown by its meaning (--out OUT, --model MODEL)
+        kwargs["metavar"] = flags[0].lstrip("-").replace("-", "_").upper()
+    elif tp in (int, float):
         kwargs["type"] = tp
         kwargs["metavar"] = tp.__name__.upper()
     else:  # dicts and unions: a YAML literal, e.g. '{messages: dialog}' or 'all-linear'
@@ -243,11 +252,24 @@ def _coerce(values: dict, cls, where: str) -> dict:
 
 
 def _check_keys(values: dict, cls, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(key) for key in set(values) - set(known))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}", where=where,
-                          fix=f"known settings: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}", where=where,
+                          fix=suggest_setting(unknown[0], known))
+
+
+def suggest_setting(name: str, known: list[str]) -> str:
+    """"did you mean `learning_rate`?" for a misspelt setting, else where the settings are listed."""
+    name = name.replace("-", "_")
+    if "batch_size" in known:  # the top level: a section's setting written at the top?
+        for section, (cls, _) in SECTIONS.items():
+            if name in {f.name for f in dataclasses.fields(cls)}:
+                return f"`{name}` is a `{section}:` setting: write it as {section}: {{{name}: ...}}"
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(f"`{c}`" for c in close) + "?"
+    return "`homebake train --help` lists every setting (a section's settings go under `data:` or `lora:`)"
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
