@@ -44,3 +44,12 @@ def test_help_lists_commands():
     assert proc.returncode == 0
     for command in ("setup", "generate", "chat"):
         assert command in proc.stdout
+
+
+@pytest.mark.default_model
+def test_export_accepts_the_default_models_name(default_gguf, tmp_path):
+    # `homebake export smollm2-135m-instruct ...` opens the default model like every other command does
+    # (it used to be refused as "no such run, adapter or model"); --format peft then refuses a model, by name.
+    proc = run_cli("export", "smollm2-135m-instruct", "--format", "peft", "--out", str(tmp_path / "x"), timeout=300)
+    assert_one_line_error(proc, "smollm2-135m-instruct: a model has no adapter", "--format hf")
+    assert "no such run" not in proc.stderr and not (tmp_path / "x").exists()
