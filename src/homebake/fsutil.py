@@ -54,14 +54,22 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}@{_HOST}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (True when it cannot be told, e.g. on Windows)."""
+    if os.name == "nt" or pid <= 0:
+        return True  # os.kill(pid, 0) would terminate it on Windows
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's) or cannot tell: keep its files
+    except OSError:
+        return True  # exists (another user's) or cannot tell
     return True
+
+
+def host_name() -> str:
+    """This machine's name as recorded in temporary and lock file names."""
+    return _HOST
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
@@ -75,7 +83,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         return removed
     for sibling in siblings:
         match = pattern.match(sibling.name)
-        if not match or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
+        if not match or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
             continue
         with contextlib.suppress(OSError):
             if sibling.is_dir() and not sibling.is_symlink():
@@ -243,6 +251,7 @@ def output_dir(out_dir: str | os.PathLike, *, overwrite: bool, what: str = "expo
                           fix="free disk space or check the folder's permissions, then run the command again") from None
 
 
-__all__ = ["atomic_dir", "atomic_file", "describe_os_error", "fsync_path", "normal_mode", "output_dir",
+__all__ = ["atomic_dir", "atomic_file", "describe_os_error", "fsync_path", "host_name", "normal_mode", "output_dir",
+           "pid_alive",
            "os_error_path", "recover_interrupted_replace", "remove_stale_temporaries", "replace_file",
            "temp_file_for", "umask"]

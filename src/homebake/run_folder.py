@@ -8,6 +8,7 @@ DIR/report.html, compare.json   the report and the before/after numbers (homebak
 DIR/checkpoints/step-00000120/  resumable checkpoints (train.checkpoint writes their contents)
 DIR/adapter_config.json + adapter_model.safetensors   the adapter in PEFT format (LoRA, DoRA, QLoRA)
 DIR/model/                      the merged HF folder of a full fine-tune
+DIR/.homebake.lock              held by the `homebake train` using the folder (homebake.run_lock)
 ```
 
 Train, evaluate, export, report and the commands read and write runs through these names only.
@@ -30,6 +31,8 @@ ADAPTER_CONFIG = "adapter_config.json"  # the PEFT format's names (homebake.adap
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT_STATE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
 STEP_DIR = re.compile(r"^step-(\d+)$")
+LOCK_FILE = ".homebake.lock"  # one training run per folder (homebake.run_lock)
+STAGING_ADAPTER = ".adapter.tmp"  # the final adapter is written here, then its files are moved into the run
 
 
 def is_run(folder: str | Path) -> bool:
