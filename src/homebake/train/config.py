@@ -227,7 +227,15 @@ def _coerce(values: dict, cls, where: str) -> dict:
     out = dict(values)
     for name, value in values.items():
         tp = _unwrap_optional(hints[name])
-        if value is None or tp not in (int, float, bool) or isinstance(value, bool) == (tp is bool) \
+        if value is None:
+            if tp is hints[name] and not dataclasses.is_dataclass(tp):  # not Optional: a value is needed
+                raise ConfigError("needs a value, got nothing (null)", where=f"{where} {name}",
+                                  fix=f"set {name}, or leave it out for the default")
+            continue
+        if tp is str or typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+            out[name] = _strings(value, tp is str, f"{where} {name}")
+            continue
+        if tp not in (int, float, bool) or isinstance(value, bool) == (tp is bool) \
                 and isinstance(value, tp if tp is not float else (int, float)):
             continue
         try:
@@ -245,10 +253,29 @@ def _coerce(values: dict, cls, where: str) -> dict:
                 out[name] = int(number)
             else:
                 out[name] = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"expected {'true/false' if tp is bool else tp.__name__}, got {value!r}",
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"expected {'true/false' if tp is bool else tp.__name__}, got {_clip(value)}",
                               where=f"{where} {name}", fix=f"set {name} to a {tp.__name__}") from None
     return out
+
+
+def _strings(value, single: bool, where: str):
+    """A text setting (a number is taken as its text: `out: 2024`), or a list of them (a lone one is a list)."""
+    def text(item):
+        if isinstance(item, str):
+            return item
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            return str(item)
+        raise ConfigError(f"expected text, got {_clip(item)}", where=where, fix="write it as a string")
+
+    if single:
+        return text(value)
+    return [text(item) for item in value] if isinstance(value, (list, tuple)) else [text(value)]
+
+
+def _clip(value, limit: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 def _check_keys(values: dict, cls, where: str) -> None:
@@ -279,6 +306,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as error:
         raise ConfigError(f"cannot read config file ({error.strerror})", where=str(path),
                           fix="check the path of the config file") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"the config file is not UTF-8 text (byte {error.start})", where=str(path),
+                          fix="save it as UTF-8") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -358,6 +388,6 @@ def resolve_config(namespace: argparse.Namespace) -> TrainConfig:
     layers = [(file_values, str(getattr(namespace, "config", "") or "config")), (flags, "command line")]
     resume = flags.get("resume", file_values.get("resume", False))
     out = flags.get("out", file_values.get("out"))
-    if resume and out and (Path(out) / CONFIG_FILE).is_file():
+    if resume is True and isinstance(out, str) and out and (Path(out) / CONFIG_FILE).is_file():
         layers.insert(0, (read_yaml(Path(out) / CONFIG_FILE), str(Path(out) / CONFIG_FILE)))
     return build_config(*layers)
