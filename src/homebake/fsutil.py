@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ExportError
+from .errors import ExportError, WriteError
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
 
@@ -228,6 +228,12 @@ def describe_os_error(error: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+def write_error(error: OSError, what: str, where: str | os.PathLike, *, fix: str | None = None) -> WriteError:
+    """The one-line error for an OS error while writing ``what`` at ``where`` (e.g. disk full)."""
+    return WriteError(f"cannot write {what} ({describe_os_error(error)})", where=str(where),
+                      fix=fix or "free disk space or check the folder's permissions, then run the command again")
+
+
 def os_error_path(error: OSError, default: str | os.PathLike) -> str:
     """The file an OS error names, else ``default``."""
     return str(error.filename) if error.filename else str(default)
@@ -254,4 +260,4 @@ def output_dir(out_dir: str | os.PathLike, *, overwrite: bool, what: str = "expo
 __all__ = ["atomic_dir", "atomic_file", "describe_os_error", "fsync_path", "host_name", "normal_mode", "output_dir",
            "pid_alive",
            "os_error_path", "recover_interrupted_replace", "remove_stale_temporaries", "replace_file",
-           "temp_file_for", "umask"]
+           "temp_file_for", "umask", "write_error"]

@@ -78,6 +78,22 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def leftovers(folder: str | Path) -> list[Path]:
+    """What a killed run leaves behind in its folder: the final adapter's staging folder, temporaries of its
+    atomic writes (``.config.yaml.<pid>@<host>.*.tmp``, ...) and of checkpoints, and checkpoints caught being
+    deleted. None of it is ever read; the next run in the folder deletes it while holding the run lock."""
+    folder = Path(folder)
+    found = [folder / STAGING_ADAPTER] if (folder / STAGING_ADAPTER).exists() else []
+    names = (CONFIG_FILE, METRICS_FILE, PLOT_FILE, REPORT_FILE, COMPARE_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+             FULL_MODEL_DIR, STAGING_ADAPTER)
+    own = re.compile(r"^\.(?:" + "|".join(re.escape(n) for n in names) + r")\.(?:.+\.tmp|old)$")
+    step = re.compile(r"^\.step-\d+\.(?:.+\.tmp|deleting|old)$")
+    for parent, pattern in ((folder, own), (folder / CHECKPOINTS, step)):
+        if parent.is_dir():
+            found += sorted(p for p in parent.iterdir() if pattern.match(p.name))
+    return found
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a run's metrics.jsonl (``path`` is the run folder or the file itself).
 

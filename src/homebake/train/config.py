@@ -141,9 +141,14 @@ class TrainConfig:
         data["learning_rate"] = self.resolved_learning_rate()
         for transient in ("resume", "overwrite"):
             data.pop(transient)
-        with atomic_file(path, "w") as handle:
-            handle.write("# resolved homebake train config (defaults < YAML file < CLI flags)\n")
-            yaml.safe_dump(data, handle, sort_keys=False)
+        try:
+            with atomic_file(path, "w") as handle:
+                handle.write("# resolved homebake train config (defaults < YAML file < CLI flags)\n")
+                yaml.safe_dump(data, handle, sort_keys=False)
+        except OSError as error:
+            from ..fsutil import write_error
+
+            raise write_error(error, "the run's config", path) from None
         return path
 
 
