@@ -96,3 +96,38 @@ def test_a_holder_on_another_host_is_named_with_how_to_clear_it(tmp_path, monkey
     with pytest.raises(RunFolderBusy) as info:
         RunLock(out).acquire()
     assert "pid 1 on other-box" in str(info.value) and f"delete {out / LOCK_FILE}" in str(info.value)
+
+
+def test_a_second_homebake_train_on_a_folder_in_use_is_refused_and_a_killed_ones_lock_taken_over(tmp_path, capsys):
+    from tiny_models import save_byte_tokenizer, save_tiny_hf_model
+    from train_helpers import write_chat_jsonl
+
+    from homebake.cli import main
+
+    model, out = tmp_path / "model", tmp_path / "run"
+    save_tiny_hf_model(model, "llama_tied", seed=0, max_position_embeddings=512)
+    save_byte_tokenizer(model)
+    data = write_chat_jsonl(tmp_path / "chats.jsonl", 16)
+    capsys.readouterr()
+    argv = ["train", "--model", model, "--data", data, "--out", out, "--device", "cpu", "--precision", "fp32",
+            "--batch-size", "2", "--max-seq-len", "160", "--lora-r", "2", "--eval-every", "0", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "homebake.cli", *map(str, argv), "--max-steps", "100000",
+                              "--save-every", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").is_file():  # the first run is training
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.05)
+        assert main([str(a) for a in argv] + ["--max-steps", "2"]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("homebake: error: out ") and f"pid {first.pid}" in error[0]
+        assert "in use by homebake train" in error[0]
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / LOCK_FILE).is_file()  # left by the killed run
+    assert main([str(a) for a in argv] + ["--max-steps", "2", "--overwrite"]) == 0
+    said = capsys.readouterr().err
+    assert f"pid {first.pid}" in said and "no longer running; taking the folder over" in said
+    assert not (out / LOCK_FILE).exists()
