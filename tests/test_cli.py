@@ -44,3 +44,15 @@ def test_help_lists_commands():
     assert proc.returncode == 0
     for command in ("setup", "generate", "chat"):
         assert command in proc.stdout
+
+
+@pytest.mark.default_model
+def test_export_accepts_the_default_models_name(default_gguf, tmp_path):
+    # `homebake export smollm2-135m-instruct ...` opens the default model like every other command does
+    # (it used to be refused as "no such run, adapter or model"); --format peft then refuses a model, by name.
+    proc = run_cli("export", "smollm2-135m-instruct", "--format", "peft", "--out", str(tmp_path / "x"), timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "homebake export: model smollm2-135m-instruct -> peft" in proc.stderr  # it was opened
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("homebake: error: smollm2-135m-instruct: a model has no adapter") and "--format hf" in error
+    assert "no such run" not in proc.stderr and not (tmp_path / "x").exists()

@@ -16,7 +16,7 @@ LAYERS = [
     ["__init__", "errors"],
     ["fsutil", "device", "default_model", "chat_template", "spm"],
     ["run_folder", "metrics", "tokenizer"],
-    ["model"],
+    ["model", "run_lock"],
     ["data"],
     ["adapters"],
     ["sources", "generate"],

@@ -54,3 +54,8 @@ class DataError(HomebakeError):
 
 class ExportError(HomebakeError):
     """An export could not be produced safely."""
+
+
+class WriteError(HomebakeError):
+    """An output (checkpoint, metrics, config, adapter) could not be written: disk full, permissions, a
+    read-only filesystem. What was written before stays intact."""

@@ -8,6 +8,7 @@ DIR/report.html, compare.json   the report and the before/after numbers (homebak
 DIR/checkpoints/step-00000120/  resumable checkpoints (train.checkpoint writes their contents)
 DIR/adapter_config.json + adapter_model.safetensors   the adapter in PEFT format (LoRA, DoRA, QLoRA)
 DIR/model/                      the merged HF folder of a full fine-tune
+DIR/.homebake.lock              held by the `homebake train` using the folder (homebake.run_lock)
 ```
 
 Train, evaluate, export, report and the commands read and write runs through these names only.
@@ -30,6 +31,8 @@ ADAPTER_CONFIG = "adapter_config.json"  # the PEFT format's names (homebake.adap
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT_STATE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
 STEP_DIR = re.compile(r"^step-(\d+)$")
+LOCK_FILE = ".homebake.lock"  # one training run per folder (homebake.run_lock)
+STAGING_ADAPTER = ".adapter.tmp"  # the final adapter is written here, then its files are moved into the run
 
 
 def is_run(folder: str | Path) -> bool:
@@ -73,6 +76,22 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(folder: str | Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1][1] if found else None
+
+
+def leftovers(folder: str | Path) -> list[Path]:
+    """What a killed run leaves behind in its folder: the final adapter's staging folder, temporaries of its
+    atomic writes (``.config.yaml.<pid>@<host>.*.tmp``, ...) and of checkpoints, and checkpoints caught being
+    deleted. None of it is ever read; the next run in the folder deletes it while holding the run lock."""
+    folder = Path(folder)
+    found = [folder / STAGING_ADAPTER] if (folder / STAGING_ADAPTER).exists() else []
+    names = (CONFIG_FILE, METRICS_FILE, PLOT_FILE, REPORT_FILE, COMPARE_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+             FULL_MODEL_DIR, STAGING_ADAPTER)
+    own = re.compile(r"^\.(?:" + "|".join(re.escape(n) for n in names) + r")\.(?:.+\.tmp|old)$")
+    step = re.compile(r"^\.step-\d+\.(?:.+\.tmp|deleting|old)$")
+    for parent, pattern in ((folder, own), (folder / CHECKPOINTS, step)):
+        if parent.is_dir():
+            found += sorted(p for p in parent.iterdir() if pattern.match(p.name))
+    return found
 
 
 def read_metrics(path: str | Path) -> list[dict]:

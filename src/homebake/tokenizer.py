@@ -514,7 +514,11 @@ def _hf_chat_templates(folder: Path, config: Mapping[str, Any]) -> tuple[dict[st
     """
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        return {"default": jinja_file.read_text(encoding="utf-8")}, str(jinja_file)
+        try:
+            return {"default": jinja_file.read_text(encoding="utf-8")}, str(jinja_file)
+        except (OSError, UnicodeDecodeError) as error:
+            raise TokenizerError(f"unreadable chat template ({error})", where=str(jinja_file),
+                                 fix="save the template as UTF-8 text, or delete the file to use tokenizer_config.json's") from None
     where = f"{folder / 'tokenizer_config.json'} 'chat_template'"
     template = config.get("chat_template")
     if isinstance(template, str):

@@ -61,3 +61,47 @@ def test_saved_config_is_the_base_of_a_resume(tmp_path):
     resumed = resolve_config(parse("--out", str(out), "--resume", "--max-steps", "12"))
     assert resumed.resume and resumed.data.paths == ["x.jsonl"] and resumed.lora.r == 4
     assert resumed.max_steps == 12
+
+
+# --- rough edges a new user meets (issue 15) ---------------------------------------------------------
+
+def help_text():
+    return build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+
+
+def test_help_prints_the_percent_sign_not_a_python_dict():
+    text = help_text()
+    assert "~30% slower" in " ".join(text.split())
+    assert "{'option_strings'" not in text and "'dest':" not in text
+
+
+def test_choice_flags_show_their_choices():
+    text = help_text()
+    for shown in ("--method {lora,dora,qlora,full}", "--precision {auto,bf16,fp32}",
+                  "--schedule {constant,linear,cosine}", "--train-on {all_assistant,last_turn,everything}",
+                  "--truncation {drop,truncate}", "--lora-init {kaiming,gaussian}"):
+        assert shown in text
+    assert " STR" not in text  # paths and names are shown by their meaning (--out OUT)
+
+
+def test_a_bad_choice_flag_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse("--method", "sft")
+    assert "invalid choice: 'sft'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, where, suggestion", [
+    ("learning_rat: 1e-3\n", "run.yaml", "did you mean `learning_rate`?"),
+    ("lora: {alpah: 8}\n", "run.yaml lora", "did you mean `alpha`?"),
+    ("data: {max_seq_length: 64}\n", "run.yaml data", "did you mean `max_seq_len`?"),
+    ("max_seq_len: 64\n", "run.yaml", "`max_seq_len` is a `data:` setting"),
+    ("frobnicate: 1\n", "run.yaml", "homebake train --help"),
+])
+def test_an_unknown_setting_suggests_the_nearest_one(tmp_path, text, where, suggestion):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        resolve_config(parse(str(cfg)))
+    message = str(info.value)
+    assert suggestion in message and where in message
+    assert len(message) < 200 and "\n" not in message  # not a list of all ~40 settings

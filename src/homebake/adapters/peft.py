@@ -114,6 +114,9 @@ def _check_supported(config: dict, config_path: str) -> None:
         value = config.get(name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             refuse(name, f"{name} must be a positive number, got {value!r}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)):
+        refuse("lora_dropout", f"lora_dropout must be a number, got {dropout!r}")
     for name in ("rank_pattern", "alpha_pattern"):
         if config.get(name):
             refuse(name, "per-module ranks/alphas are not supported")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -143,16 +142,16 @@ def pad_vocabulary(tokenizer_metadata: Mapping[str, Any], vocab_size: int) -> di
 def save_atomically(writer, path: str | os.PathLike) -> None:
     """Write a filled GGUFWriter to ``path`` through a temporary sibling, so a crash never leaves a
     half-written GGUF under the final name."""
+    from ..fsutil import replace_file, temp_file_for
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file_for(path)  # the umask's normal mode: a llama.cpp / Ollama server may run as another user
     try:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         writer.close()
         with contextlib.suppress(FileNotFoundError):

@@ -169,6 +169,9 @@ _DAMAGED_FIX = "the file is truncated or not a GGUF; download or export it again
 def _open(path: Path):
     import gguf
 
+    from .gguf_layout import check_gguf_layout
+
+    check_gguf_layout(path)  # every count, dimension and offset inside the file, before gguf's reader trusts them
     try:
         reader = gguf.GGUFReader(path)
         metadata = {key: _field_value(f) for key, f in reader.fields.items() if not key.startswith("GGUF.")}

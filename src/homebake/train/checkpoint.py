@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError
-from ..fsutil import atomic_dir
+from ..errors import ConfigError, ExportError, WriteError
+from ..fsutil import atomic_dir, describe_os_error
 from ..run_folder import CHECKPOINT_STATE as STATE_FILE
 from ..run_folder import checkpoint_dir, latest_checkpoint, list_checkpoints
 
@@ -111,14 +111,25 @@ def save_checkpoint(
     target = checkpoint_dir(out_dir, state.step)
     rng_tensors, rng_plain = capture_rng()
     state.rng = rng_plain
-    with atomic_dir(target, overwrite=True) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
-        if extra_files is not None:
-            extra_files(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    try:
+        with atomic_dir(target, overwrite=True) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
+            if extra_files is not None:
+                extra_files(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    except (OSError, ExportError) as error:  # disk full, permissions (ExportError: the adapter copy's folder)
+        raise _checkpoint_write_error(error, out_dir, state.step, target) from None
     return target
+
+
+def _checkpoint_write_error(error: Exception, out_dir: str | Path, step: int, target: Path) -> WriteError:
+    previous = latest_checkpoint(out_dir)
+    kept = f"the last good checkpoint, {previous}, is intact" if previous else "no checkpoint was written yet"
+    reason = describe_os_error(error) if isinstance(error, OSError) else error.message
+    return WriteError(f"cannot write the checkpoint of step {step} ({reason}); {kept}", where=str(target),
+                      fix=f"free disk space, then continue with `homebake train --out {out_dir} --resume`")
 
 
 def load_trainer_state(path: str | Path) -> TrainerState:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from ..adapters.config import LoraConfig
-from ..data.config import DataConfig
+from ..adapters.config import INITS, LoraConfig
+from ..data.config import FORMATS, TRAIN_ON, TRUNCATION, DataConfig
 from ..default_model import DEFAULT_MODEL_NAME
 from ..errors import ConfigError
 from ..run_folder import CONFIG_FILE
@@ -140,9 +141,14 @@ class TrainConfig:
         data["learning_rate"] = self.resolved_learning_rate()
         for transient in ("resume", "overwrite"):
             data.pop(transient)
-        with atomic_file(path, "w") as handle:
-            handle.write("# resolved homebake train config (defaults < YAML file < CLI flags)\n")
-            yaml.safe_dump(data, handle, sort_keys=False)
+        try:
+            with atomic_file(path, "w") as handle:
+                handle.write("# resolved homebake train config (defaults < YAML file < CLI flags)\n")
+                yaml.safe_dump(data, handle, sort_keys=False)
+        except OSError as error:
+            from ..fsutil import write_error
+
+            raise write_error(error, "the run's config", path) from None
         return path
 
 
@@ -150,6 +156,9 @@ class TrainConfig:
 SECTIONS: dict[str, tuple[type, str]] = {"data": (DataConfig, ""), "lora": (LoraConfig, "lora-")}
 # Flags spelled differently from their field, for the common case.
 FLAG_ALIASES = {("data", "paths"): "--data", ("lora", "use_rslora"): "--rslora", ("lora", "use_dora"): "--dora"}
+# Settings with a fixed set of values: the flag shows and checks them (`--method {lora,dora,qlora,full}`).
+CHOICES = {"method": METHODS, "precision": PRECISIONS, "schedule": SCHEDULES, "data.format": FORMATS,
+           "data.train_on": TRAIN_ON, "data.truncation": TRUNCATION, "lora.init": INITS}
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -175,13 +184,18 @@ def _yaml_value(text: str):
 def _add_flag(group, flags: list[str], dest: str, tp, help_text: str) -> None:
     tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
-    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
-    if tp is bool:
+    # argparse %-formats help strings: a literal % ("~30% slower") must be doubled
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+    if dest in CHOICES:
+        kwargs["choices"] = CHOICES[dest]
+    elif tp is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif origin in (list, tuple):
         kwargs["nargs"] = "+"
         kwargs["metavar"] = "VALUE"
-    elif tp in (int, float, str):
+    elif tp is str:  # a path or a name: shown by its meaning (--out OUT, --model MODEL)
+        kwargs["metavar"] = flags[0].lstrip("-").replace("-", "_").upper()
+    elif tp in (int, float):
         kwargs["type"] = tp
         kwargs["metavar"] = tp.__name__.upper()
     else:  # dicts and unions: a YAML literal, e.g. '{messages: dialog}' or 'all-linear'
@@ -218,7 +232,15 @@ def _coerce(values: dict, cls, where: str) -> dict:
     out = dict(values)
     for name, value in values.items():
         tp = _unwrap_optional(hints[name])
-        if value is None or tp not in (int, float, bool) or isinstance(value, bool) == (tp is bool) \
+        if value is None:
+            if tp is hints[name] and not dataclasses.is_dataclass(tp):  # not Optional: a value is needed
+                raise ConfigError("needs a value, got nothing (null)", where=f"{where} {name}",
+                                  fix=f"set {name}, or leave it out for the default")
+            continue
+        if tp is str or typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+            out[name] = _strings(value, tp is str, f"{where} {name}")
+            continue
+        if tp not in (int, float, bool) or isinstance(value, bool) == (tp is bool) \
                 and isinstance(value, tp if tp is not float else (int, float)):
             continue
         try:
@@ -236,18 +258,50 @@ def _coerce(values: dict, cls, where: str) -> dict:
                 out[name] = int(number)
             else:
                 out[name] = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"expected {'true/false' if tp is bool else tp.__name__}, got {value!r}",
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"expected {'true/false' if tp is bool else tp.__name__}, got {_clip(value)}",
                               where=f"{where} {name}", fix=f"set {name} to a {tp.__name__}") from None
     return out
 
 
+def _strings(value, single: bool, where: str):
+    """A text setting (a number is taken as its text: `out: 2024`), or a list of them (a lone one is a list)."""
+    def text(item):
+        if isinstance(item, str):
+            return item
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            return str(item)
+        raise ConfigError(f"expected text, got {_clip(item)}", where=where, fix="write it as a string")
+
+    if single:
+        return text(value)
+    return [text(item) for item in value] if isinstance(value, (list, tuple)) else [text(value)]
+
+
+def _clip(value, limit: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
 def _check_keys(values: dict, cls, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(key) for key in set(values) - set(known))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}", where=where,
-                          fix=f"known settings: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}", where=where,
+                          fix=suggest_setting(unknown[0], known))
+
+
+def suggest_setting(name: str, known: list[str]) -> str:
+    """"did you mean `learning_rate`?" for a misspelt setting, else where the settings are listed."""
+    name = name.replace("-", "_")
+    if "batch_size" in known:  # the top level: a section's setting written at the top?
+        for section, (cls, _) in SECTIONS.items():
+            if name in {f.name for f in dataclasses.fields(cls)}:
+                return f"`{name}` is a `{section}:` setting: write it as {section}: {{{name}: ...}}"
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(f"`{c}`" for c in close) + "?"
+    return "`homebake train --help` lists every setting (a section's settings go under `data:` or `lora:`)"
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -257,6 +311,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as error:
         raise ConfigError(f"cannot read config file ({error.strerror})", where=str(path),
                           fix="check the path of the config file") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"the config file is not UTF-8 text (byte {error.start})", where=str(path),
+                          fix="save it as UTF-8") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -336,6 +393,6 @@ def resolve_config(namespace: argparse.Namespace) -> TrainConfig:
     layers = [(file_values, str(getattr(namespace, "config", "") or "config")), (flags, "command line")]
     resume = flags.get("resume", file_values.get("resume", False))
     out = flags.get("out", file_values.get("out"))
-    if resume and out and (Path(out) / CONFIG_FILE).is_file():
+    if resume is True and isinstance(out, str) and out and (Path(out) / CONFIG_FILE).is_file():
         layers.insert(0, (read_yaml(Path(out) / CONFIG_FILE), str(Path(out) / CONFIG_FILE)))
     return build_config(*layers)

@@ -170,7 +170,14 @@ def run_loop(runner: StepRunner, optimizer, stream: BatchStream, eval_batches: l
 
 
 def train(config: TrainConfig) -> TrainResult:
-    setup = setup_training(config)
+    setup = setup_training(config)  # takes the run folder's lock
+    try:
+        return _train(config, setup)
+    finally:
+        setup.lock.release()
+
+
+def _train(config: TrainConfig, setup) -> TrainResult:
     print_header(setup)
     out, state, model = setup.out, setup.state, setup.model
     resumed = setup.resumed_from is not None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..fsutil import atomic_file
+from ..fsutil import atomic_file, describe_os_error, write_error
 from ..run_folder import METRICS_FILE, PLOT_FILE, read_metrics
 
 GIB = 1024 ** 3
@@ -52,22 +52,39 @@ class MetricsLog:
 
     def __init__(self, out_dir: str | Path, *, resume_step: int | None = None):
         self.path = Path(out_dir) / METRICS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.unlink(missing_ok=True)
-        else:
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            with atomic_file(self.path, "w") as handle:
-                handle.writelines(json.dumps(r) + "\n" for r in kept)
-        self._handle = open(self.path, "a", encoding="utf-8")
+        self._failed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+                with atomic_file(self.path, "w") as handle:
+                    handle.writelines(json.dumps(r) + "\n" for r in kept)
+            self._handle = open(self.path, "a", encoding="utf-8")
+        except OSError as error:
+            raise self._error(error) from None
+
+    def _error(self, error: OSError):
+        self._failed = True
+        return write_error(error, "the metrics", self.path,
+                           fix="free disk space, then continue with `homebake train --out "
+                               f"{self.path.parent} --resume` (the last checkpoint is intact)")
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._handle.write(json.dumps(clean) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(json.dumps(clean) + "\n")
+            self._handle.flush()
+        except OSError as error:  # a partial line ends the readable log; --resume rewrites the file
+            raise self._error(error) from None
 
     def close(self) -> None:
-        self._handle.close()
+        try:
+            self._handle.close()
+        except OSError as error:
+            if not self._failed:  # after a failed write the same error was already reported
+                raise self._error(error) from None
 
     def __enter__(self):
         return self
@@ -101,7 +118,12 @@ def plot_losses(out_dir: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     target = Path(out_dir) / PLOT_FILE
-    with atomic_file(target, "wb") as handle:
-        fig.savefig(handle, format="png")
-    plt.close(fig)
+    try:
+        with atomic_file(target, "wb") as handle:
+            fig.savefig(handle, format="png")
+    except OSError as error:  # the plot is a picture of metrics.jsonl: training goes on without it
+        print(f"homebake: warning: could not write {target} ({describe_os_error(error)})", file=sys.stderr)
+        return None
+    finally:
+        plt.close(fig)
     return target

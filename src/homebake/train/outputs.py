@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from ..run_folder import FULL_MODEL_DIR
+from ..errors import ExportError, WriteError
+from ..run_folder import FULL_MODEL_DIR, STAGING_ADAPTER, latest_checkpoint
 from .config import TrainConfig
 from .plan import GIB, available_memory, estimate_memory
 from .setup import ModelSetup, TrainingSetup
@@ -40,10 +41,26 @@ def adapter_writer(config: TrainConfig, setup: ModelSetup) -> Callable[[Path], N
 
 
 def write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path) -> list[Path]:
-    """The adapter files (PEFT format) directly in ``out``, or the full model in ``out/model``."""
+    """The adapter files (PEFT format) directly in ``out``, or the full model in ``out/model``.
+
+    A failure (disk full) is a one-line ``WriteError``; the final checkpoint is already saved, so
+    ``--resume`` writes the outputs again once there is space."""
+    try:
+        return _write_final_outputs(config, setup, out)
+    except (OSError, ExportError) as error:
+        from ..fsutil import describe_os_error
+
+        reason = describe_os_error(error) if isinstance(error, OSError) else error.message
+        what = "adapter" if config.method != "full" else "model"
+        raise WriteError(f"cannot write the final {what} ({reason}); the last checkpoint, {latest_checkpoint(out)}, "
+                         "is intact", where=str(out),
+                         fix=f"free disk space, then run `homebake train --out {out} --resume` to write it") from None
+
+
+def _write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path) -> list[Path]:
     writer = adapter_writer(config, setup)
     if writer is not None:
-        staging = out / ".adapter.tmp"
+        staging = out / STAGING_ADAPTER
         writer(staging)
         written = []
         for item in sorted(staging.iterdir()):

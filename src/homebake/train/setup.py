@@ -1,6 +1,8 @@
 """Everything a training run needs before its first step, built from a ``TrainConfig``.
 
-``setup_training(config) -> TrainingSetup``, in this order: validate the config, check the output
+``setup_training(config) -> TrainingSetup``, in this order: validate the config, take the run folder's
+lock (``run_lock.RunLock``: one run per folder; a killed run's lock is taken over) and delete what a
+killed run left there (``run_folder.leftovers``), check the output
 folder against --resume/--overwrite (``prepare_out_dir``), pick the device and compute dtype
 (``compute_dtype_for``), seed, build the model and its adapters (``build_model``), load and encode the
 data (``load_examples``), write ``config.yaml``, build the batch stream, the evaluation batches, the
@@ -23,7 +25,9 @@ import torch
 
 from ..device import has_fast_bf16, pick_device, supports_bf16
 from ..errors import ConfigError
-from ..run_folder import latest_checkpoint, previous_run_files
+from ..fsutil import recover_interrupted_replace
+from ..run_folder import CHECKPOINTS, FULL_MODEL_DIR, latest_checkpoint, leftovers, previous_run_files
+from ..run_lock import RunLock
 from .checkpoint import TrainerState, load_checkpoint
 from .config import TrainConfig
 from .data_stream import BatchStream, evaluation_batches
@@ -50,6 +54,17 @@ def prepare_out_dir(config: TrainConfig) -> Path | None:
         for path in previous:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     return None
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """With the run lock held: put back a folder a killed run was replacing, delete its temporaries."""
+    recover_interrupted_replace(out / FULL_MODEL_DIR)
+    for old in (out / CHECKPOINTS).glob(".step-*.old"):
+        recover_interrupted_replace(old.with_name(old.name[1:-len(".old")]))
+    found = leftovers(out)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return found
 
 
 def compute_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -181,11 +196,26 @@ class TrainingSetup:
     runner: StepRunner
     state: TrainerState  # fresh, or the resumed checkpoint's
     resumed_from: Path | None  # the checkpoint resumed from
+    lock: RunLock | None = None  # held until train() ends (released by the process's death at the latest)
 
 
 def setup_training(config: TrainConfig) -> TrainingSetup:
+    """Everything before the first step, holding the run folder's lock (``TrainingSetup.lock``); the caller
+    releases it when the run ends. Any failure here releases it."""
     config.validate()
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("the output path is a file", where=f"out {out}", fix="choose a folder for --out")
+    lock = RunLock(out).acquire()
+    try:
+        clean_leftovers(out)
+        return _setup(config, out, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _setup(config: TrainConfig, out: Path, lock: RunLock) -> TrainingSetup:
     resume_from = prepare_out_dir(config)
     device = pick_device(config.device)
     compute_dtype = compute_dtype_for(config, device)
@@ -214,4 +244,4 @@ def setup_training(config: TrainConfig) -> TrainingSetup:
         state = resume_from_checkpoint(resume_from, model, optimizer, stream)
     return TrainingSetup(config, out, device, compute_dtype, model, data_summary, stream, eval_batches,
                          total_steps, None if config.max_steps else micro_budget, schedule, optimizer, runner,
-                         state, resume_from)
+                         state, resume_from, lock)
