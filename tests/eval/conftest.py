@@ -38,7 +38,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny_models import save_tiny_hf_model
 
     directory = tmp_path_factory.mktemp("eval-tiny-llama")
-    save_tiny_hf_model(directory, "llama_tied", max_position_embeddings=512)
+    save_tiny_hf_model(directory, "llama_tied", max_position_embeddings=4096)  # room for few-shot prompts
     export_fixtures.save_byte_tokenizer(directory)
     return directory
 

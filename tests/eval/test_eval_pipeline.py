@@ -84,16 +84,16 @@ def test_compare_writes_json_and_report_into_the_run(tiny_model_dir, tiny_run, e
     assert "verdict:" in printed and "exact match" in printed and "fine-tuned" in printed
     record = json.loads((tiny_run / "compare.json").read_text())
     assert record["verdict"]["label"] in ("improved", "no change", "worse")
-    assert record["base"]["examples"] == record["tuned"]["examples"] == 6
-    assert record["base"]["loss"] != record["tuned"]["loss"]  # the adapter really was applied
+    assert record["base"]["examples"] == record["fine_tuned"]["examples"] == 6
+    assert record["base"]["loss"] != record["fine_tuned"]["loss"]  # the adapter really was applied
     page = (tiny_run / "report.html").read_text()
     assert "Verdict:" in page and 'id="loss-chart"' in page and 'id="samples"' in page
     # the tuned numbers equal `homebake eval --adapter`, the base numbers `homebake eval` without it
     main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tiny_run), "--data",
           str(extract_dir / "test.jsonl"), "--device", "cpu", "--max-new-tokens", "8", "--json"])
     tuned = json.loads(capsys.readouterr().out)
-    assert tuned["loss"] == pytest.approx(record["tuned"]["loss"], rel=1e-6)
-    assert [s["output"] for s in tuned["samples"]] == [s["output"] for s in record["tuned"]["samples"]]
+    assert tuned["loss"] == pytest.approx(record["fine_tuned"]["loss"], rel=1e-6)
+    assert [s["output"] for s in tuned["samples"]] == [s["output"] for s in record["fine_tuned"]["samples"]]
 
 
 def test_generate_with_adapter_uses_the_merged_weights(tiny_model_dir, tiny_run):
