@@ -99,7 +99,8 @@ def _messages(record, where: str, fix: str) -> list[dict]:
 def kl_per_token(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row of two (rows, vocab) log-probability tensors, in nats: sum_v p (log p - log q)."""
     log_p, log_q = log_p.float(), log_q.float()
-    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
+    terms = torch.where(log_p == float("-inf"), torch.zeros_like(log_p), log_p.exp() * (log_p - log_q))  # 0 log 0 = 0
+    return terms.sum(-1).clamp(min=0.0)
 
 
 @torch.inference_mode()

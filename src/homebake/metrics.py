@@ -371,8 +371,9 @@ METRIC_ROWS = (  # (label, key path in an EvalResult dict, kind, lower is better
     ("normalised match", ("task", "normalized_match"), "pct", False),
     ("valid JSON", ("task", "valid_json"), "pct", False),
     ("per-field match (all fields)", ("task", "field_accuracy"), "pct", False),
-    ("answers ended by the end token", ("stopped_share",), "pct", False),
 )
+# after the per-field rows: whether answers stop where the model meant them to (an EOS problem shows here)
+TAIL_ROWS = (("answers ended by the end token", ("stopped_share",), "pct", False),)
 INFO_ROWS = (("prompt tokens per request", ("prompt_tokens_per_request",)),
              ("generation speed (tokens/s)", ("generation_tokens_per_s",)), ("evaluation time (s)", ("seconds",)))
 
@@ -423,6 +424,10 @@ def metric_rows(results: Sequence[dict]) -> list[MetricRow]:
     for name in fields:
         values = [_get(result, ("task", "per_field", name)) for result in results]
         rows.append(MetricRow(f"field {name}", values, "pct", False, field_name=name))
+    for label, path, kind, lower in TAIL_ROWS:
+        values = [_get(result, path) for result in results]
+        if any(v is not None for v in values):
+            rows.append(MetricRow(label, values, kind, lower))
     for label, path in INFO_ROWS:
         values = [_get(result, path) for result in results]
         if any(v is not None for v in values):

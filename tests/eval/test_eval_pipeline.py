@@ -146,7 +146,7 @@ def test_demo_at_tiny_scale_produces_every_artefact(tiny_model_dir, extract_dir,
         assert shown.console_errors == [] and shown.values["charts"] >= 3
     lines = summary_lines(demo, settings.model)
     assert lines[0].startswith("verdict: ") and any("homebake chat" in line for line in lines)
-    assert any(m.startswith("[4/4]") for m in messages)
+    assert any(m.startswith("[5/5]") for m in messages)
     with pytest.raises(Exception, match="already exists"):
         run_demo(settings, say=messages.append)  # a second run never clobbers the first without --overwrite
 
