@@ -9,6 +9,7 @@ import pytest
 import torch
 from chromium import find_chromium, render_page
 
+from homebake import gguf_eval
 from homebake.cli import main
 from homebake.demo import DemoSettings, run_demo, summary_lines
 from homebake.evaluate import EvalOptions, dataset_loss, evaluate_model, load_eval_data
@@ -134,11 +135,19 @@ def test_demo_at_tiny_scale_produces_every_artefact(tiny_model_dir, extract_dir,
     record = json.loads((out / "compare.json").read_text())
     assert record["data"] == str(extract_dir / "test.jsonl")  # evaluated on the held-out split
     assert record["base"]["task"]["count"] == 6
-    assert set(record["timings_s"]) == {"train", "evaluate", "export", "total"}
+    scored = gguf_eval.available()  # the GGUF is scored in llama.cpp when llama-cpp-python is installed
+    assert set(record["timings_s"]) == {"train", "evaluate", "export", "total"} | ({"gguf"} if scored else set())
+    assert record["few_shot"]["shots"]["shots"] == 5 and record["prompting_verdict"] is not None
+    assert record["drift"]["instructions"] == 50 and record["drift"]["level"] in ("low", "noticeable", "high")
+    if scored:
+        assert record["gguf"]["task"]["count"] == 6 and record["gguf"]["verdict"]["label"] in ("kept", "lost")
+    else:
+        assert record["gguf"] is None and any("llama-cpp-python" in note for note in record["notes"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in m for m in metrics) and max(m["step"] for m in metrics) == 3
     page = demo.report.read_text()
     assert str(demo.gguf) in page and "Verdict:" in page
+    assert 'id="baselines"' in page and 'id="drift-level"' in page and 'id="exported"' in page
     binary = find_chromium()
     if binary is not None:  # the real report renders cleanly too
         shown = render_page(binary, demo.report, tmp_path / "demo-report.png",
@@ -146,6 +155,9 @@ def test_demo_at_tiny_scale_produces_every_artefact(tiny_model_dir, extract_dir,
         assert shown.console_errors == [] and shown.values["charts"] >= 3
     lines = summary_lines(demo, settings.model)
     assert lines[0].startswith("verdict: ") and any("homebake chat" in line for line in lines)
+    assert any(line.startswith("  held-out (base / 5-shot / fine-tuned): exact match ") for line in lines)
+    assert any(line.startswith("  prompting vs fine-tuning: ") for line in lines)
+    assert any(line.startswith("  drift: ") for line in lines)
     assert any(m.startswith("[5/5]") for m in messages)
     with pytest.raises(Exception, match="already exists"):
         run_demo(settings, say=messages.append)  # a second run never clobbers the first without --overwrite
