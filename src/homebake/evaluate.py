@@ -290,10 +290,12 @@ def scored_result(data: EvalData, examples: list[EvalExample], answers: list[Ans
 # ---------------------------------------------------------------------------------------------- few-shot
 
 
-def few_shot_data(data: EvalData, shots: list, tokenizer, options: EvalOptions) -> EvalData:
+def few_shot_data(data: EvalData, shots: list, tokenizer, options: EvalOptions, *, with_loss: bool = True) -> EvalData:
     """``data`` with the shots as prior turns of every prompt (``homebake.baselines.few_shot_messages``).
 
-    The loss covers the reference answer only (``train_on: last_turn``), not the shots' answers."""
+    The loss covers the reference answer only (``train_on: last_turn``), not the shots' answers; without
+    ``with_loss`` no example is encoded for it (the loss is then None: scoring the long prompts costs about as
+    much again as answering them)."""
     from .baselines import few_shot_messages
     from .data.encode import Encoder
     from .data.formats import Conversation, RecordError
@@ -307,10 +309,12 @@ def few_shot_data(data: EvalData, shots: list, tokenizer, options: EvalOptions) 
         messages = few_shot_messages(shots, example.prompt_messages)
         conversation = Conversation(messages + [{"role": "assistant", "content": example.reference}],
                                     example.source, "messages", example.tools)
-        try:
-            encoded = encoder(conversation)
-        except RecordError:
-            encoded = None
+        encoded = None
+        if with_loss:
+            try:
+                encoded = encoder(conversation)
+            except RecordError:
+                pass
         examples.append(EvalExample(example.source, encoded, messages, example.reference, example.tools))
     return EvalData(data.path, examples, data.skipped)
 
@@ -385,6 +389,7 @@ class CompareOptions:
     drift: bool = True
     drift_data: str | None = None  # None: the bundled general instructions
     drift_max_new_tokens: int = DRIFT_MAX_NEW_TOKENS
+    few_shot_loss: bool = False  # also the loss of the references under the few-shot prompts (as long again)
     gguf: str | None = None  # an exported GGUF to score in llama.cpp
     threads: int | None = None  # llama.cpp threads (None: torch's)
 
@@ -441,7 +446,7 @@ def _shots_for(adapter: str, data: EvalData, data_path: str, data_format: str, t
         return None
     context = getattr(model.args, "max_position_embeddings", None)
     if context:
-        shaped = few_shot_data(data, shot_set.shots, tokenizer, options)
+        shaped = few_shot_data(data, shot_set.shots, tokenizer, options, with_loss=False)
         examples = answered_examples(shaped, options)
         needed = _longest_prompt(shaped, tokenizer, options) + answer_budget(examples, tokenizer, options)
         if needed > context:
@@ -472,8 +477,8 @@ def run_comparison(model: str | None, adapter: str, data_path: str, options: Eva
                               compare, notes)
         if shot_set is not None:
             name = f"{len(shot_set.shots)}-shot"
-            few_shot = evaluate_model(loaded.model, loaded.tokenizer,
-                                      few_shot_data(data, shot_set.shots, loaded.tokenizer, options), options,
+            shaped = few_shot_data(data, shot_set.shots, loaded.tokenizer, options, with_loss=compare.few_shot_loss)
+            few_shot = evaluate_model(loaded.model, loaded.tokenizer, shaped, options,
                                       progress=progress(name) if progress else None)
     baseline, drift_seconds = None, 0.0
     if compare.drift:

@@ -104,7 +104,7 @@ def test_compare_measures_the_few_shot_baseline(tiny_model_dir, tiny_run, extrac
     out = tmp_path / "cmp"
     code = main(["compare", "--model", str(tiny_model_dir), "--adapter", str(tiny_run), "--data",
                  str(extract_dir / "test.jsonl"), "--device", "cpu", "--max-new-tokens", "6", "--shots", "2",
-                 "--drift-max-new-tokens", "4", "--out", str(out)])
+                 "--drift-max-new-tokens", "4", "--few-shot-loss", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "2-shot" in printed and "prompt tokens per request" in printed

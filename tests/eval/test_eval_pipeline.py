@@ -138,6 +138,7 @@ def test_demo_at_tiny_scale_produces_every_artefact(tiny_model_dir, extract_dir,
     scored = gguf_eval.available()  # the GGUF is scored in llama.cpp when llama-cpp-python is installed
     assert set(record["timings_s"]) == {"train", "evaluate", "export", "total"} | ({"gguf"} if scored else set())
     assert record["few_shot"]["shots"]["shots"] == 5 and record["prompting_verdict"] is not None
+    assert record["few_shot"]["loss"] is None  # not scored by default: it costs as much again as answering
     assert record["drift"]["instructions"] == 50 and record["drift"]["level"] in ("low", "noticeable", "high")
     if scored:
         assert record["gguf"]["task"]["count"] == 6 and record["gguf"]["verdict"]["label"] in ("kept", "lost")

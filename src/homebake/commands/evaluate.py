@@ -57,6 +57,9 @@ def register(subparsers) -> None:
                          help="training data to take the shots from (default: the run's config.yaml data.paths; "
                               "needed for a bare adapter); examples that share a user turn with --data are never used")
     compare.add_argument("--shots-seed", type=int, default=0, help="seed of the (deterministic) choice of shots")
+    compare.add_argument("--few-shot-loss", action="store_true",
+                         help="also score the references' loss under the few-shot prompts (costs about as much "
+                              "again as answering them)")
     compare.add_argument("--drift-data", default=None, metavar="FILE",
                          help="general instructions to measure drift on (JSONL of {\"prompt\": ...}; default: the "
                               "bundled 50; 'none' skips drift)")
@@ -168,7 +171,8 @@ def _compare_options(args):
 
     drift_data = args.drift_data
     drift = args.drift and not (drift_data is not None and drift_data.strip().lower() == "none")
-    return CompareOptions(shots=args.shots, shots_data=args.shots_data, shots_seed=args.shots_seed, drift=drift,
+    return CompareOptions(shots=args.shots, shots_data=args.shots_data, shots_seed=args.shots_seed,
+                          few_shot_loss=args.few_shot_loss, drift=drift,
                           drift_data=drift_data if drift else None, drift_max_new_tokens=args.drift_max_new_tokens,
                           gguf=args.gguf)
 
