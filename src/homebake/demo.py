@@ -206,7 +206,10 @@ def summary_lines(demo: DemoResult, model: str | None) -> list[str]:
         lines.append(f"  GGUF in llama.cpp: {gguf['verdict']['label'].upper()} — {gguf['verdict']['reason']}")
     lines += [f"  note: {note}" for note in record.get("notes") or []]
     model_flag = f" --model {model}" if model else ""
-    lines += ["  time: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()),
+    parts = [(name, result.get("seconds")) for name, result in columns] + [("drift", (drift or {}).get("seconds"))]
+    spent = ", ".join(f"{name} {value:.0f}" for name, value in parts if isinstance(value, (int, float)))
+    lines += ["  time: " + ", ".join(f"{k} {v:.0f} s" + (f" ({spent})" if k == "evaluate" and spent else "")
+                                     for k, v in demo.seconds.items()),
               f"  report:   {demo.report}",
               f"  adapter:  {demo.run_dir} (PEFT format; also the training run: config.yaml, metrics.jsonl)",
               f"  GGUF:     {demo.gguf}",
