@@ -21,6 +21,7 @@ LAYERS = [
     ["adapters"],
     ["sources", "generate"],
     ["train"],
+    ["baselines", "drift", "gguf_eval"],
     ["evaluate", "export", "report"],
     ["demo"],
     ["commands"],

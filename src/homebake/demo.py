@@ -2,10 +2,12 @@
 
 1. fine-tune (LoRA) on the bundled extraction dataset (examples/extract: free-text orders -> one strict
    line of JSON), with its validation split for the loss curve;
-2. evaluate the base model and the fine-tuned one on the held-out test split (never trained on):
-   loss, exact / normalised / per-field match of greedy answers, and a verdict;
+2. evaluate on the held-out test split (never trained on) the base model, the base model prompted with 5
+   training examples (few-shot) and the fine-tuned one: loss, exact / normalised / per-field match of greedy
+   answers, a verdict and whether fine-tuning beat prompting; and drift on 50 general instructions;
 3. export the fine-tuned model as a GGUF (llama.cpp, Ollama, LM Studio);
-4. write report.html in the run folder, and print the verdict and where everything is.
+4. score that GGUF in llama.cpp itself on the same held-out examples (when llama-cpp-python is installed);
+5. write report.html in the run folder, and print the numbers and where everything is.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class DemoSettings:
     eval_every: int = 10
     test_examples: int | None = None  # None: all of test.jsonl
     quant: str = "Q8_0"
+    shots: int = 5  # few-shot baseline (0: none)
+    drift: bool = True  # drift on the bundled general instructions
+    score_gguf: bool = True  # score the exported GGUF in llama.cpp (when llama-cpp-python is installed)
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
@@ -105,7 +110,7 @@ def export_gguf(run_dir: Path, out: Path, quant: str, model: str | None) -> Path
 
 
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> DemoResult:
-    from .evaluate import EvalOptions, comparison_record, run_comparison, write_json
+    from .evaluate import CompareOptions, EvalOptions, comparison_record, run_comparison, score_gguf, write_json
     from .report import write_report
     from .run_folder import COMPARE_FILE
     from .sources import describe_model
@@ -120,63 +125,94 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Demo
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    say(f"[1/4] fine-tuning {describe_model(settings.model)} (LoRA) on {paths['train']}")
+    say(f"[1/5] fine-tuning {describe_model(settings.model)} (LoRA) on {paths['train']}")
     train_path = _subset(paths["train"], settings.train_examples, out)
     result = train(train_config(settings, train_path, paths["valid"]))
     seconds["train"] = time.perf_counter() - started
 
     tick = time.perf_counter()
-    say(f"[2/4] evaluating base vs fine-tuned on the held-out {paths['test']}")
+    systems = "base, {}-shot and fine-tuned".format(settings.shots) if settings.shots else "base and fine-tuned"
+    say(f"[2/5] evaluating {systems} on the held-out {paths['test']}" + (", and drift" if settings.drift else ""))
     options = EvalOptions(max_examples=settings.test_examples)
+    compare = CompareOptions(shots=settings.shots, drift=settings.drift)
 
     def progress(label: str):
         return lambda message: say(f"      {label}: {message}")
 
-    base, tuned, _ = run_comparison(settings.model, str(out), str(paths["test"]), options, device=settings.device,
-                                    progress=progress)
-    comparison = comparison_record(settings.model, str(out), str(paths["test"]), base, tuned)
+    comparison = run_comparison(settings.model, str(out), str(paths["test"]), options, compare,
+                                device=settings.device, progress=progress)
     seconds["evaluate"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    say(f"[3/4] exporting the fine-tuned model as GGUF {settings.quant}")
+    say(f"[3/5] exporting the fine-tuned model as GGUF {settings.quant}")
     gguf = export_gguf(out, out / "gguf", settings.quant, settings.model)
     seconds["export"] = time.perf_counter() - tick
+
+    if settings.score_gguf:
+        tick = time.perf_counter()
+        say(f"[4/5] scoring {gguf.name} in llama.cpp on the same held-out examples")
+        comparison.gguf = score_gguf(gguf, comparison.data, comparison.tokenizer, options, comparison.tuned,
+                                     comparison.notes, progress=progress)
+        if comparison.gguf is None:
+            say("      " + comparison.notes[-1])
+        else:
+            seconds["gguf"] = time.perf_counter() - tick
     seconds["total"] = time.perf_counter() - started
 
-    say("[4/4] writing the report")
-    comparison["timings_s"] = {k: round(v, 1) for k, v in seconds.items()}
-    write_json(out / COMPARE_FILE, comparison)
+    say("[5/5] writing the report")
+    record = comparison_record(settings.model, str(out), str(paths["test"]), comparison)
+    record["timings_s"] = {k: round(v, 1) for k, v in seconds.items()}
+    write_json(out / COMPARE_FILE, record)
     outputs = {"training run (adapter, config.yaml, metrics.jsonl, checkpoints)": str(out),
                "GGUF": str(gguf), "before/after numbers": str(out / COMPARE_FILE),
                "time": ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())}
-    report = write_report(out, comparison=comparison, title="homebake demo — did fine-tuning help?", paths=outputs)
+    report = write_report(out, comparison=record, title="homebake demo — did fine-tuning help?", paths=outputs)
     del result
-    return DemoResult(out, report, gguf, comparison, seconds)
+    return DemoResult(out, report, gguf, record, seconds)
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
 
 
 def summary_lines(demo: DemoResult, model: str | None) -> list[str]:
-    comparison = demo.comparison
-    verdict = comparison["verdict"]
-    base_task = comparison["base"].get("task") or {}
-    tuned_task = comparison["tuned"].get("task") or {}
+    """The verdicts, the numbers side by side and where everything is (the terminal table comes before it)."""
+    record = demo.comparison
+    verdict = record["verdict"]
+    columns = [("base", record["base"])]
+    if record.get("few_shot"):
+        columns.append((f"{(record['few_shot'].get('shots') or {}).get('shots', '?')}-shot", record["few_shot"]))
+    columns.append(("fine-tuned", record["fine_tuned"]))
     lines = [f"verdict: {verdict['label'].upper()} — {verdict['reason']}"]
-    if base_task and tuned_task:
-        lines.append(f"  held-out exact match {100 * base_task['exact_match']:.1f}% -> "
-                     f"{100 * tuned_task['exact_match']:.1f}%, per-field match "
-                     f"{100 * (base_task.get('field_accuracy') or 0):.1f}% -> "
-                     f"{100 * (tuned_task.get('field_accuracy') or 0):.1f}%, validation loss "
-                     f"{comparison['base']['loss']:.3f} -> {comparison['tuned']['loss']:.3f}")
+    if all(result.get("task") for _, result in columns):
+        names = " / ".join(name for name, _ in columns)
+
+        def row(label: str, values: list) -> str:
+            return f"{label} " + " / ".join(values)
+
+        lines.append(f"  held-out ({names}): " + "; ".join([
+            row("exact match", [_pct(r["task"]["exact_match"]) for _, r in columns]),
+            row("per-field", [_pct(r["task"].get("field_accuracy")) for _, r in columns]),
+            row("prompt tokens", [f"{r.get('prompt_tokens_per_request') or 0:.0f}" for _, r in columns]),
+            row("validation loss", ["—" if r.get("loss") is None else f"{r['loss']:.3f}" for _, r in columns])]))
+    prompting = record.get("prompting_verdict")
+    if prompting:
+        lines.append(f"  prompting vs fine-tuning: {prompting['label'].upper()} — {prompting['reason']}")
+    drift = record.get("drift")
+    if drift:
+        lines.append(f"  drift: {drift['level'].upper()} — {drift['reason']}")
+    gguf = record.get("gguf")
+    if gguf and gguf.get("verdict"):
+        lines.append(f"  GGUF in llama.cpp: {gguf['verdict']['label'].upper()} — {gguf['verdict']['reason']}")
+    lines += [f"  note: {note}" for note in record.get("notes") or []]
     model_flag = f" --model {model}" if model else ""
-    lines += ["  time: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()),
+    parts = [(name, result.get("seconds")) for name, result in columns] + [("drift", (drift or {}).get("seconds"))]
+    spent = ", ".join(f"{name} {value:.0f}" for name, value in parts if isinstance(value, (int, float)))
+    lines += ["  time: " + ", ".join(f"{k} {v:.0f} s" + (f" ({spent})" if k == "evaluate" and spent else "")
+                                     for k, v in demo.seconds.items()),
               f"  report:   {demo.report}",
               f"  adapter:  {demo.run_dir} (PEFT format; also the training run: config.yaml, metrics.jsonl)",
               f"  GGUF:     {demo.gguf}",
               f"  chat:     homebake chat{model_flag} --adapter {demo.run_dir} --temperature 0",
               f"  llama.cpp: llama-cli -m {demo.gguf} -cnv"]
     return lines
-
-
-def main_lines(settings: DemoSettings) -> int:
-    demo = run_demo(settings, say=lambda m: print(m, file=sys.stderr, flush=True))
-    print("\n".join(summary_lines(demo, settings.model)))
-    return 0

@@ -10,8 +10,10 @@ Two measurements per dataset:
   scored by exact, normalised and per-field JSON match (``homebake.metrics``).
 
 An adapter is merged into full-precision (fp32) base weights before the model moves to its device/dtype,
-so the fine-tuned model runs at the base model's speed. ``compare`` evaluates the base, swaps in the
-merged weights, evaluates again, and gives a verdict with the numbers behind it.
+so the fine-tuned model runs at the base model's speed. ``compare`` evaluates the base, the base prompted with
+a few training examples (``homebake.baselines``), the base's answers to general instructions (``homebake.drift``),
+swaps in the merged weights, evaluates again, measures drift, optionally scores the exported GGUF in llama.cpp
+(``homebake.gguf_eval``), and gives the verdicts with the numbers behind them.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from typing import Callable
 
 import torch
 
+from .baselines import DEFAULT_SEED, DEFAULT_SHOTS, ShotSet
+from .drift import DRIFT_MAX_NEW_TOKENS
 from .errors import ConfigError, DataError
 from .generate import greedy_batch
-from .metrics import (ExampleScore, TaskScores, aggregate, loss_verdict, score_example, task_verdict,
-                      verdict_from_pairs)
+from .metrics import (WORSE, ExampleScore, TaskScores, aggregate, loss_verdict, paired_counts, prompting_verdict,
+                      score_example, task_verdict, verdict_from_pairs)
 
 # An answer this many tokens longer than the longest reference cannot match it; stopping there keeps a
 # rambling base model from spending minutes on text that is scored wrong anyway.
@@ -167,9 +171,17 @@ def prompt_ids(tokenizer, example: EvalExample) -> list[int]:
     return tokenizer.encode_chat(example.prompt_messages, add_generation_prompt=True, **extra)
 
 
+@dataclass
+class Answer:
+    text: str
+    tokens: int  # generated (the end token not counted)
+    prompt_tokens: int
+    stopped: bool  # ended by an end token, not by the length limit
+
+
 def greedy_answers(model, tokenizer, examples: list[EvalExample], max_new_tokens: int, *, batch_size: int = 16,
-                   progress: Callable[[int], None] | None = None) -> list[tuple[str, int]]:
-    """(answer, tokens generated) per example, greedy, stopping at the model's end tokens."""
+                   progress: Callable[[int], None] | None = None) -> list[Answer]:
+    """The greedy answer to every example, stopping at the model's end tokens."""
     encoded = [prompt_ids(tokenizer, e) for e in examples]
     context = getattr(model.args, "max_position_embeddings", None)
     if context:
@@ -179,14 +191,15 @@ def greedy_answers(model, tokenizer, examples: list[EvalExample], max_new_tokens
                             where=too_long[0], fix="shorten the example or lower --max-new-tokens")
     order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))  # similar lengths pad little
     size = math.ceil(len(order) / max(1, math.ceil(len(order) / batch_size)))  # 50 by 16: 13+13+12+12
-    answers: list[tuple[str, int]] = [("", 0)] * len(examples)
+    answers: list[Answer] = [Answer("", 0, 0, False)] * len(examples)
     done = 0
     for start in range(0, len(order), size):
         chunk = order[start:start + size]
         generated = greedy_batch(model, [encoded[i] for i in chunk], max_new_tokens, tokenizer.end_token_ids,
                                  tokenizer.pad_token_id)
         for index, ids in zip(chunk, generated):
-            answers[index] = (tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids))
+            answers[index] = Answer(tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids),
+                                    len(encoded[index]), len(ids) < max_new_tokens)
         done += len(chunk)
         if progress is not None:
             progress(done)
@@ -210,10 +223,13 @@ class EvalResult:
     generation_tokens_per_s: float | None
     seconds: float
     skipped: int = 0
+    prompt_tokens_per_request: float | None = None  # mean prompt length of the answered examples
+    stopped_share: float | None = None  # share of answers ended by the end token (not the length limit)
 
     def to_dict(self) -> dict:
         return {"examples": self.examples, "loss": self.loss, "perplexity": self.perplexity,
                 "trained_tokens": self.trained_tokens, "task": self.task.to_dict() if self.task else None,
+                "prompt_tokens_per_request": self.prompt_tokens_per_request, "stopped_share": self.stopped_share,
                 "generated_tokens": self.generated_tokens, "generation_tokens_per_s": self.generation_tokens_per_s,
                 "seconds": self.seconds, "skipped": self.skipped, "per_example_loss": self.per_example_loss,
                 "samples": self.samples}
@@ -232,48 +248,313 @@ def evaluate_model(model, tokenizer, data: EvalData, options: EvalOptions,
     model.eval()
     loss = dataset_loss(model, data.examples, pad_token_id=tokenizer.pad_token_id, max_seq_len=options.max_seq_len,
                         batch_size=options.batch_size)
-    with_reference = [e for e in data.examples if e.reference is not None]
-    if options.generate is not None:
-        with_reference = with_reference[:options.generate]
+    with_reference = answered_examples(data, options)
     budget = answer_budget(with_reference, tokenizer, options) if with_reference else 0
     tick = time.perf_counter()
     answers = greedy_answers(model, tokenizer, with_reference, budget, batch_size=options.generation_batch,
                              progress=(lambda n: progress(f"{n}/{len(with_reference)} answered"))
                              if progress else None) if with_reference else []
-    gen_time = time.perf_counter() - tick
+    return scored_result(data, with_reference, answers, loss, gen_seconds=time.perf_counter() - tick,
+                         started=started)
+
+
+def answered_examples(data: EvalData, options: EvalOptions) -> list[EvalExample]:
+    """The examples that get an answer: those with a reference, the first ``options.generate`` of them."""
+    with_reference = [e for e in data.examples if e.reference is not None]
+    return with_reference[:options.generate] if options.generate is not None else with_reference
+
+
+def scored_result(data: EvalData, examples: list[EvalExample], answers: list[Answer], loss: LossResult | None, *,
+                  gen_seconds: float, started: float) -> EvalResult:
+    """Score ``answers`` (one per example of ``examples``) into an EvalResult; the one scoring for every system."""
     scores, samples, generated = [], [], 0
-    for example, (answer, count) in zip(with_reference, answers):
-        generated += count
-        score = score_example(answer, example.reference)
+    for example, answer in zip(examples, answers):
+        generated += answer.tokens
+        score = score_example(answer.text, example.reference)
         scores.append(score)
         samples.append({"source": example.source, "prompt": example.prompt_text, "reference": example.reference,
-                        "output": answer, "exact": score.exact, "normalized": score.normalized,
+                        "output": answer.text, "exact": score.exact, "normalized": score.normalized,
                         "fields": score.fields})
+    count = len(answers)
+    loss = loss or LossResult(None, 0, [None] * len(data.examples))
     return EvalResult(
         examples=len(data.examples), loss=loss.loss, perplexity=perplexity(loss.loss), trained_tokens=loss.tokens,
         per_example_loss=loss.per_example, task=aggregate(scores) if scores else None, scores=scores,
         samples=samples, generated_tokens=generated,
-        generation_tokens_per_s=generated / gen_time if gen_time > 0 else None,
-        seconds=time.perf_counter() - started, skipped=len(data.skipped))
+        generation_tokens_per_s=generated / gen_seconds if gen_seconds > 0 and generated else None,
+        seconds=time.perf_counter() - started, skipped=len(data.skipped),
+        prompt_tokens_per_request=sum(a.prompt_tokens for a in answers) / count if count else None,
+        stopped_share=sum(a.stopped for a in answers) / count if count else None)
+
+
+# ---------------------------------------------------------------------------------------------- few-shot
+
+
+def few_shot_data(data: EvalData, shots: list, tokenizer, options: EvalOptions, *, with_loss: bool = True) -> EvalData:
+    """``data`` with the shots as prior turns of every prompt (``homebake.baselines.few_shot_messages``).
+
+    The loss covers the reference answer only (``train_on: last_turn``), not the shots' answers; without
+    ``with_loss`` no example is encoded for it (the loss is then None: scoring the long prompts costs about as
+    much again as answering them)."""
+    from .baselines import few_shot_messages
+    from .data.encode import Encoder
+    from .data.formats import Conversation, RecordError
+
+    encoder = Encoder(tokenizer, train_on="last_turn", max_seq_len=options.max_seq_len, truncation="drop")
+    examples = []
+    for example in data.examples:
+        if example.reference is None:
+            examples.append(EvalExample(example.source, None, None, None))
+            continue
+        messages = few_shot_messages(shots, example.prompt_messages)
+        conversation = Conversation(messages + [{"role": "assistant", "content": example.reference}],
+                                    example.source, "messages", example.tools)
+        encoded = None
+        if with_loss:
+            try:
+                encoded = encoder(conversation)
+            except RecordError:
+                pass
+        examples.append(EvalExample(example.source, encoded, messages, example.reference, example.tools))
+    return EvalData(data.path, examples, data.skipped)
+
+
+def evaluated_messages(path: str, data_format: str = "auto") -> list[list[dict]]:
+    """Every chat example of the evaluated file (all of it, whatever --max-examples): what shots must avoid."""
+    from .data.formats import SkipLog, load_conversations
+
+    loaded = load_conversations([path], fmt=data_format, log=SkipLog())
+    return [c.messages for c in loaded.conversations if not c.is_text]
+
+
+def _longest_prompt(data: EvalData, tokenizer, options: EvalOptions) -> int:
+    examples = answered_examples(data, options)
+    return max((len(prompt_ids(tokenizer, e)) for e in examples), default=0)
+
+
+# ---------------------------------------------------------------------------------------------- the GGUF
+
+
+def evaluate_gguf(path: str | Path, data: EvalData, tokenizer, options: EvalOptions, *, threads: int | None = None,
+                  progress: Callable[[str], None] | None = None) -> EvalResult:
+    """The same answered examples through llama.cpp's runtime and chat handling (``homebake.gguf_eval``), scored
+    like homebake's answers. ``tokenizer`` (the model's own) sets the same answer budget as for the other systems.
+    No loss: llama.cpp answers only."""
+    from .gguf_eval import chat_answers
+
+    started = time.perf_counter()
+    examples = answered_examples(data, options)
+    budget = answer_budget(examples, tokenizer, options) if examples else 0
+    longest = max((len(prompt_ids(tokenizer, e)) for e in examples), default=0)
+    n_ctx = 256 * math.ceil((longest + budget + 64) / 256)
+    requests = [(e.prompt_messages, e.tools) for e in examples]
+    tick = time.perf_counter()
+    raw = chat_answers(str(path), requests, budget, n_ctx=n_ctx, threads=threads,
+                       progress=(lambda n: progress(f"{n}/{len(examples)} answered")) if progress else None)
+    answers = [Answer(a.text, a.completion_tokens, a.prompt_tokens, a.stopped) for a in raw]
+    return scored_result(data, examples, answers, None, gen_seconds=time.perf_counter() - tick, started=started)
+
+
+def gguf_record(path: str | Path, gguf: EvalResult, merged: EvalResult, *, runtime: str) -> dict:
+    """compare.json's ``"gguf"``: the GGUF's result (same keys as ``"fine_tuned"``), how many answers equal
+    homebake's merged model's, and a paired verdict: ``kept`` unless the file is clearly worse (sign test)."""
+    record = gguf.to_dict()
+    same = sum(1 for a, b in zip(gguf.samples, merged.samples) if a["output"] == b["output"])
+    count = len(gguf.samples)
+    record.update(file=str(path), runtime=runtime, same_answers=same)
+    if merged.scores and len(merged.scores) == len(gguf.scores):
+        metric, merged_values, gguf_values, means = _paired_metric([merged, gguf])
+        verdict = verdict_from_pairs(metric, means[0], means[1], *paired_counts(merged_values, gguf_values),
+                                     unit="points").to_dict()
+        stops = f"{round((gguf.stopped_share or 0) * count)} of {count}"
+        verdict["reason"] = (f"{metric} {100 * means[0]:.1f}% in homebake -> {100 * means[1]:.1f}% in {runtime} "
+                             f"({100 * (means[1] - means[0]):+.1f} points; {verdict['wins']} examples better, "
+                             f"{verdict['losses']} worse, sign test p={verdict['p_value']:.2g}); same answer on "
+                             f"{same} of {count}; {stops} ended by the end token")
+        verdict["label"] = "lost" if verdict["label"] == WORSE else "kept"
+        record["verdict"] = verdict
+    return record
 
 
 # ---------------------------------------------------------------------------------------------- models
 
 
-def run_comparison(model: str | None, adapter: str, data_path: str, options: EvalOptions, *, device: str = "auto",
-                   dtype: str = "auto", data_format: str = "auto",
-                   progress: Callable[[str], Callable[[str], None]] | None = None) -> tuple[EvalResult, EvalResult, str]:
-    """Evaluate the base model, swap in the fine-tuned weights, evaluate again: (base, tuned, description)."""
+@dataclass
+class CompareOptions:
+    """What ``compare`` measures besides base vs fine-tuned."""
+
+    shots: int = DEFAULT_SHOTS  # few-shot examples in the prompting baseline (0: no baseline)
+    shots_data: list[str] | None = None  # training data for the shots (None: the run's config.yaml data.paths)
+    shots_seed: int = DEFAULT_SEED
+    drift: bool = True
+    drift_data: str | None = None  # None: the bundled general instructions
+    drift_max_new_tokens: int = DRIFT_MAX_NEW_TOKENS
+    few_shot_loss: bool = False  # also the loss of the references under the few-shot prompts (as long again)
+    gguf: str | None = None  # an exported GGUF to score in llama.cpp
+    threads: int | None = None  # llama.cpp threads (None: torch's)
+
+    def validate(self) -> None:
+        if not isinstance(self.shots, int) or self.shots < 0:
+            raise ConfigError(f"must be 0 or more, got {self.shots!r}", where="--shots", fix="e.g. --shots 5")
+        if self.drift_max_new_tokens < 1:
+            raise ConfigError("must be positive", where="--drift-max-new-tokens", fix="e.g. 48")
+
+
+@dataclass
+class Comparison:
+    base: EvalResult
+    tuned: EvalResult
+    description: str
+    few_shot: EvalResult | None = None
+    shot_set: ShotSet | None = None
+    drift: dict | None = None
+    gguf: dict | None = None
+    notes: list[str] = field(default_factory=list)  # what was not measured, and why
+    data: EvalData | None = None  # the evaluated examples (to score an exported GGUF on the same ones later)
+    tokenizer: object = None  # the model's tokenizer (its answer budget applies to every system)
+
+
+def _shots_for(adapter: str, data: EvalData, data_path: str, data_format: str, tokenizer, model, options: EvalOptions,
+               compare: CompareOptions, notes: list[str]) -> ShotSet | None:
+    """The few-shot examples, or None with a note saying why there is no few-shot baseline."""
+    from .baselines import TrainingData, load_shots, run_training_data
+
+    if compare.shots_data:
+        training = TrainingData(list(compare.shots_data))
+    else:
+        training = run_training_data(adapter)
+        if training is None:
+            notes.append(f"few-shot baseline skipped: {adapter} does not record its training data (no config.yaml "
+                         "with data.paths); pass --shots-data TRAIN.jsonl")
+            return None
+    if not any(e.reference is not None for e in data.examples):
+        notes.append("few-shot baseline skipped: the evaluated examples have no reference answers")
+        return None
+    try:
+        shot_set = load_shots(training, compare.shots, evaluated_messages(data_path, data_format),
+                              seed=compare.shots_seed)
+    except DataError as error:
+        if compare.shots_data:
+            raise
+        notes.append(f"few-shot baseline skipped: the run's training data cannot be read ({error}); "
+                     "pass --shots-data TRAIN.jsonl")
+        return None
+    notes.extend(f"few-shot: {note}" for note in shot_set.notes)
+    if not shot_set.shots:
+        notes.append(f"few-shot baseline skipped: no training example in {', '.join(training.paths)} is eligible "
+                     f"({shot_set.excluded} share a user turn with the evaluated file)")
+        return None
+    context = getattr(model.args, "max_position_embeddings", None)
+    if context:
+        shaped = few_shot_data(data, shot_set.shots, tokenizer, options, with_loss=False)
+        examples = answered_examples(shaped, options)
+        needed = _longest_prompt(shaped, tokenizer, options) + answer_budget(examples, tokenizer, options)
+        if needed > context:
+            notes.append(f"few-shot baseline skipped: prompts with {len(shot_set.shots)} examples need {needed} "
+                         f"tokens, the model's context is {context}; try fewer --shots")
+            return None
+    return shot_set
+
+
+def run_comparison(model: str | None, adapter: str, data_path: str, options: EvalOptions,
+                   compare: CompareOptions | None = None, *, device: str = "auto", dtype: str = "auto",
+                   data_format: str = "auto",
+                   progress: Callable[[str], Callable[[str], None]] | None = None) -> Comparison:
+    """Base, few-shot base, base on the drift set; swap in the fine-tuned weights; fine-tuned, drift; the GGUF."""
+    from . import drift
     from .sources import open_model
 
+    compare = compare or CompareOptions()
+    compare.validate()
+    notes: list[str] = []
     subject = open_model(model, adapter, device=device, dtype=dtype)
     loaded = subject.loaded
     data = load_eval_data(data_path, loaded.tokenizer, options, data_format=data_format)
     base = evaluate_model(loaded.model, loaded.tokenizer, data, options, progress=progress("base") if progress else None)
+    few_shot = shot_set = None
+    if compare.shots:
+        shot_set = _shots_for(adapter, data, data_path, data_format, loaded.tokenizer, loaded.model, options,
+                              compare, notes)
+        if shot_set is not None:
+            name = f"{len(shot_set.shots)}-shot"
+            shaped = few_shot_data(data, shot_set.shots, loaded.tokenizer, options, with_loss=compare.few_shot_loss)
+            few_shot = evaluate_model(loaded.model, loaded.tokenizer, shaped, options,
+                                      progress=progress(name) if progress else None)
+    baseline, drift_seconds = None, 0.0
+    if compare.drift:
+        tick = time.perf_counter()
+        instructions = drift.load_instructions(compare.drift_data)
+        if progress:
+            progress("drift")(f"base answers to {len(instructions)} general instructions")
+        baseline = drift.base_pass(loaded.model, loaded.tokenizer, instructions,
+                                   data=str(compare.drift_data or drift.DRIFT_FILE),
+                                   max_new_tokens=compare.drift_max_new_tokens, batch_size=options.generation_batch)
+        drift_seconds = time.perf_counter() - tick
     subject.use_tuned()
     tuned = evaluate_model(loaded.model, loaded.tokenizer, data, options,
                            progress=progress("fine-tuned") if progress else None)
-    return base, tuned, subject.description
+    drift_record = None
+    if baseline is not None:
+        if progress:
+            progress("drift")("fine-tuned model on the same instructions")
+        tick = time.perf_counter()
+        drift_record = drift.tuned_pass(loaded.model, loaded.tokenizer, baseline, batch_size=options.generation_batch)
+        drift_record["seconds"] = drift_seconds + time.perf_counter() - tick
+        del baseline
+    else:
+        notes.append("drift not measured (--no-drift)")
+    comparison = Comparison(base, tuned, subject.description, few_shot, shot_set, drift_record, None, notes, data,
+                            loaded.tokenizer)
+    if compare.gguf:
+        comparison.gguf = score_gguf(compare.gguf, data, loaded.tokenizer, options, tuned, notes,
+                                     threads=compare.threads, progress=progress)
+    return comparison
+
+
+def score_gguf(path: str | Path, data: EvalData, tokenizer, options: EvalOptions, merged: EvalResult,
+               notes: list[str], *, threads: int | None = None,
+               progress: Callable[[str], Callable[[str], None]] | None = None) -> dict | None:
+    """The ``"gguf"`` record for ``path`` scored in llama.cpp, or None and a note when llama-cpp-python is missing."""
+    from .gguf_eval import available, missing_message, runtime_name
+
+    if not available():
+        notes.append(missing_message())
+        return None
+    if threads is None:
+        threads = torch.get_num_threads()
+    result = evaluate_gguf(path, data, tokenizer, options, threads=threads,
+                           progress=progress("GGUF in llama.cpp") if progress else None)
+    return gguf_record(path, result, merged, runtime=runtime_name())
+
+
+def _field_share(score: ExampleScore) -> float:
+    return sum(score.fields.values()) / len(score.fields) if score.fields else 0.0
+
+
+def _paired_metric(results: list[EvalResult]) -> tuple[str, list[float], list[float], list[float]]:
+    """The metric that decides between systems on the same examples: exact match, or per-field match when no
+    system got any example exactly right (and the references are JSON objects). (metric, values of the first
+    two systems per example, each system's mean); values of further systems come from :func:`_values`."""
+    metric = _metric_name(results)
+    values = [_values(r, metric) for r in results]
+    return metric, values[0], values[1], [_mean_of(r, metric) for r in results]
+
+
+def _metric_name(results: list[EvalResult]) -> str:
+    any_exact = any(s.exact for r in results for s in r.scores)
+    if not any_exact and all(r.task is not None and r.task.field_accuracy is not None for r in results):
+        return "per-field match"
+    return "exact match"
+
+
+def _values(result: EvalResult, metric: str) -> list[float]:
+    if metric == "per-field match":
+        return [_field_share(s) for s in result.scores]
+    return [1.0 if s.exact else 0.0 for s in result.scores]
+
+
+def _mean_of(result: EvalResult, metric: str) -> float:
+    return result.task.field_accuracy if metric == "per-field match" else result.task.exact_match
 
 
 def compare_verdicts(base: EvalResult, tuned: EvalResult) -> tuple[dict, dict | None]:
@@ -285,15 +566,12 @@ def compare_verdicts(base: EvalResult, tuned: EvalResult) -> tuple[dict, dict | 
         by_loss = loss_verdict([b for b, _ in loss_pairs], [t for _, t in loss_pairs],
                                before_loss=base.loss, after_loss=tuned.loss).to_dict()
     if base.scores and len(base.scores) == len(tuned.scores):
-        primary = task_verdict([s.exact for s in base.scores], [s.exact for s in tuned.scores]).to_dict()
-        if not any(s.exact for s in base.scores + tuned.scores) and base.task.field_accuracy is not None:
-            # nothing matched exactly on either side: per-field matches say more than 0 -> 0
-            fields_before = [_field_share(s) for s in base.scores]
-            fields_after = [_field_share(s) for s in tuned.scores]
-            wins = sum(1 for b, a in zip(fields_before, fields_after) if a > b)
-            losses = sum(1 for b, a in zip(fields_before, fields_after) if a < b)
-            primary = verdict_from_pairs("per-field match", base.task.field_accuracy, tuned.task.field_accuracy,
-                                         wins, losses, unit="points").to_dict()
+        metric, before, after, means = _paired_metric([base, tuned])
+        if metric == "exact match":
+            primary = task_verdict([s.exact for s in base.scores], [s.exact for s in tuned.scores]).to_dict()
+        else:  # nothing matched exactly on either side: per-field matches say more than 0 -> 0
+            primary = verdict_from_pairs(metric, means[0], means[1], *paired_counts(before, after),
+                                         unit="points").to_dict()
         return primary, by_loss
     if by_loss is None:
         raise DataError("nothing to compare: no example has trained tokens or a reference answer",
@@ -301,17 +579,35 @@ def compare_verdicts(base: EvalResult, tuned: EvalResult) -> tuple[dict, dict | 
     return by_loss, by_loss
 
 
-def _field_share(score: ExampleScore) -> float:
-    return sum(score.fields.values()) / len(score.fields) if score.fields else 0.0
+def prompting_record(base: EvalResult, few_shot: EvalResult, tuned: EvalResult, shots: int) -> dict | None:
+    """The prompting verdict (``homebake.metrics.prompting_verdict``) on the same answered examples."""
+    if not base.scores or not len(base.scores) == len(few_shot.scores) == len(tuned.scores):
+        return None
+    results = [base, few_shot, tuned]
+    metric = _metric_name(results)
+    values = [_values(r, metric) for r in results]
+    return prompting_verdict(metric, *values, means=tuple(_mean_of(r, metric) for r in results), shots=shots,
+                             few_shot_tokens=few_shot.prompt_tokens_per_request,
+                             tuned_tokens=tuned.prompt_tokens_per_request)
 
 
-def comparison_record(model: str | None, adapter: str, data: str, base: EvalResult, tuned: EvalResult) -> dict:
-    """What compare.json holds (and what report.html reads)."""
-    primary, by_loss = compare_verdicts(base, tuned)
+def comparison_record(model: str | None, adapter: str, data: str, comparison: Comparison) -> dict:
+    """What compare.json holds (and what report.html reads): ``base``, ``few_shot`` and ``fine_tuned`` with the
+    same keys (``EvalResult.to_dict()``), the verdicts, ``drift``, ``gguf`` and ``notes``."""
     from .sources import describe_model
 
+    base, tuned, few = comparison.base, comparison.tuned, comparison.few_shot
+    primary, by_loss = compare_verdicts(base, tuned)
+    few_dict = None
+    if few is not None:
+        few_dict = few.to_dict()
+        few_dict["shots"] = comparison.shot_set.to_dict() if comparison.shot_set else None
+    shots = len(comparison.shot_set.shots) if comparison.shot_set else 0
     return {"model": describe_model(model), "adapter": str(adapter), "data": str(data),
-            "base": base.to_dict(), "tuned": tuned.to_dict(), "verdict": primary, "loss_verdict": by_loss}
+            "base": base.to_dict(), "few_shot": few_dict, "fine_tuned": tuned.to_dict(),
+            "verdict": primary, "loss_verdict": by_loss,
+            "prompting_verdict": prompting_record(base, few, tuned, shots) if few is not None else None,
+            "drift": comparison.drift, "gguf": comparison.gguf, "notes": list(comparison.notes)}
 
 
 def write_json(path: str | Path, record: dict) -> Path:

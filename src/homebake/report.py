@@ -1,10 +1,12 @@
 """``report.html``: one self-contained page per run that says, with numbers, whether fine-tuning helped.
 
 The page has no scripts and loads nothing: charts are inline SVG drawn here, styles are inline, so it
-opens offline and can be mailed around. Sections: the verdict, the before/after table, train and
-validation loss curves, throughput and peak memory, generated samples side by side, and the resolved
-config. Everything it shows comes from files in the run folder: ``config.yaml`` and ``metrics.jsonl``
-(written by training) and ``compare.json`` (written by ``homebake compare`` / ``homebake demo``);
+opens offline and can be mailed around. Sections: the verdict, the before/after table (base, few-shot,
+fine-tuned), the prompting baseline (did fine-tuning beat a few examples in the prompt?), drift on general
+instructions, the exported file scored in llama.cpp, train and validation loss curves, throughput and peak
+memory, generated samples side by side, and the resolved config. Everything it shows comes from files in the
+run folder: ``config.yaml`` and ``metrics.jsonl`` (written by training) and ``compare.json`` (written by
+``homebake compare`` / ``homebake demo``; an older one naming the fine-tuned result ``"tuned"`` is read too);
 a section whose file is missing says so instead of disappearing.
 """
 
@@ -22,6 +24,7 @@ from .metrics import format_change, format_value, metric_rows
 from .run_folder import COMPARE_FILE, CONFIG_FILE, METRICS_FILE, REPORT_FILE, read_metrics
 
 MAX_SAMPLES = 25
+MAX_DRIFT_ROWS = 60
 COLOURS = ("#2563eb", "#dc2626", "#059669", "#d97706")
 
 
@@ -173,25 +176,53 @@ def _fmt(value: Any, kind: str = "") -> str:
     return esc(value)
 
 
-def before_after_table(comparison: dict) -> str:
-    """The before/after table (homebake.metrics.metric_rows, as in the terminal) in HTML."""
-    base, tuned = comparison.get("base") or {}, comparison.get("tuned") or {}
+def upgrade_comparison(comparison: dict | None) -> dict | None:
+    """compare.json as this version writes it: older files named the fine-tuned result ``"tuned"``."""
+    if comparison and "fine_tuned" not in comparison and "tuned" in comparison:
+        comparison = dict(comparison)
+        comparison["fine_tuned"] = comparison.pop("tuned")
+    return comparison
+
+
+def system_columns(comparison: dict) -> list[tuple[str, dict]]:
+    """(column name, result) in table order: base, few-shot (when measured), fine-tuned."""
+    columns = [("base", comparison.get("base") or {})]
+    few = comparison.get("few_shot")
+    if few:
+        shots = (few.get("shots") or {}).get("shots")
+        columns.append((f"{shots}-shot" if shots else "few-shot", few))
+    columns.append(("fine-tuned", comparison.get("fine_tuned") or {}))
+    return columns
+
+
+def metrics_html(columns: list[tuple[str, dict]], *, table_id: str, caption: str, change: str = "change") -> str:
+    """A table of homebake.metrics.metric_rows (as in the terminal) in HTML; change = last column - first."""
     rows = []
-    for row in metric_rows([base, tuned]):
+    for row in metric_rows([result for _, result in columns]):
         label = f"field <code>{esc(row.field_name)}</code>" if row.field_name else esc(row.label)
         css = ' class="field"' if row.field_name or row.kind == "info" else ""
         improved = row.improved()
-        change = format_change(row)
+        difference = format_change(row)
         change_css = "muted" if improved is None else "good" if improved else "bad"
         rows.append(f"<tr{css}><th>{label}</th>" + "".join(f"<td>{esc(format_value(v, row.kind))}</td>"
                                                           for v in row.values)
-                    + (f'<td><span class="{change_css}">{esc(change)}</span></td>' if change else "<td></td>")
+                    + (f'<td><span class="{change_css}">{esc(difference)}</span></td>' if difference
+                       else "<td></td>")
                     + "</tr>")
-    count = tuned.get("examples") or base.get("examples")
-    caption = f"{count} held-out examples" if count else "held-out examples"
-    return (f'<table class="metrics" id="before-after"><caption>{esc(caption)}</caption>'
-            "<thead><tr><th></th><th>base</th><th>fine-tuned</th><th>change</th></tr></thead>"
+    head = "".join(f"<th>{esc(name)}</th>" for name, _ in columns)
+    return (f'<table class="metrics" id="{esc(table_id)}"><caption>{esc(caption)}</caption>'
+            f"<thead><tr><th></th>{head}<th>{esc(change)}</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def before_after_table(comparison: dict) -> str:
+    """The before/after table: base, few-shot (when measured) and fine-tuned, the change fine-tuned - base."""
+    comparison = upgrade_comparison(comparison)
+    columns = system_columns(comparison)
+    count = columns[-1][1].get("examples") or columns[0][1].get("examples")
+    caption = f"{count} held-out examples" if count else "held-out examples"
+    return metrics_html(columns, table_id="before-after", caption=caption,
+                        change="change vs base" if len(columns) > 2 else "change")
 
 
 def verdict_banner(comparison: dict | None) -> str:
@@ -213,26 +244,132 @@ def _mark(ok: Any) -> str:
 
 
 def samples_table(comparison: dict, limit: int = MAX_SAMPLES) -> str:
-    base = (comparison.get("base") or {}).get("samples") or []
-    tuned = (comparison.get("tuned") or {}).get("samples") or []
+    comparison = upgrade_comparison(comparison)
+    columns = system_columns(comparison)
+    if (comparison.get("gguf") or {}).get("samples"):
+        columns.append(("GGUF in llama.cpp", comparison["gguf"]))
+    lists = [(name, result.get("samples") or []) for name, result in columns]
+    total = max(len(samples) for _, samples in lists)
     rows = []
-    for index in range(min(limit, max(len(base), len(tuned)))):
-        b = base[index] if index < len(base) else {}
-        t = tuned[index] if index < len(tuned) else {}
-        prompt = t.get("prompt") or b.get("prompt") or ""
-        reference = t.get("reference") if t.get("reference") is not None else b.get("reference")
+    for index in range(min(limit, total)):
+        picked = [samples[index] if index < len(samples) else {} for _, samples in lists]
+        prompt = next((p.get("prompt") for p in reversed(picked) if p.get("prompt")), "")
+        reference = next((p.get("reference") for p in reversed(picked) if p.get("reference") is not None), None)
         rows.append("<tr>"
                     f'<td class="text">{esc(prompt)}</td>'
                     f'<td class="text">{esc(reference if reference is not None else "—")}</td>'
-                    f'<td class="text">{_mark(b.get("exact"))} {esc(b.get("output", ""))}</td>'
-                    f'<td class="text">{_mark(t.get("exact"))} {esc(t.get("output", ""))}</td>'
-                    "</tr>")
+                    + "".join(f'<td class="text">{_mark(p.get("exact"))} {esc(p.get("output", ""))}</td>'
+                              for p in picked)
+                    + "</tr>")
     shown = len(rows)
-    total = max(len(base), len(tuned))
     note = f"first {shown} of {total}" if total > shown else f"all {total}"
+    head = "".join(f"<th>{esc(name)}</th>" for name, _ in lists)
     return (f'<table class="samples" id="samples"><caption>Greedy generations, {note} '
-            "(✓ exact match)</caption><thead><tr><th>prompt</th><th>reference</th><th>base</th>"
-            f"<th>fine-tuned</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            f"(✓ exact match)</caption><thead><tr><th>prompt</th><th>reference</th>{head}"
+            f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _verdict_box(verdict: dict | None, *, box_id: str, title: str, good: tuple[str, ...], bad: tuple[str, ...]) -> str:
+    label = str((verdict or {}).get("label", ""))
+    css = "improved" if label in good else "worse" if label in bad else "same"
+    return (f'<div class="verdict {css}" id="{esc(box_id)}"><strong>{esc(title)}: {esc(label)}.</strong> '
+            f"{esc((verdict or {}).get('reason', ''))}</div>")
+
+
+def _notes_about(comparison: dict, *words: str) -> str:
+    notes = [n for n in comparison.get("notes") or [] if any(w in n for w in words)]
+    return "".join(f'<p class="muted note">{esc(n)}</p>' for n in notes)
+
+
+def baselines_section(comparison: dict) -> str:
+    """Did fine-tuning beat prompting? The prompting verdict, prompt lengths and the shots used."""
+    comparison = upgrade_comparison(comparison)
+    few, verdict = comparison.get("few_shot"), comparison.get("prompting_verdict")
+    parts = ['<section id="baselines"><h2>Prompting baseline: did fine-tuning beat a few examples in the prompt?</h2>']
+    if not few:
+        parts.append(_notes_about(comparison, "few-shot") or
+                     '<p class="muted">No few-shot baseline measured (homebake compare --shots K).</p>')
+        return "".join(parts) + "</section>"
+    if verdict:
+        parts.append(_verdict_box(verdict, box_id="prompting-verdict", title="Prompting vs fine-tuning",
+                                  good=("fine-tuning wins",), bad=("prompting already gets there",)))
+    rows = "".join(f"<tr><th>{esc(name)}</th><td>{_fmt(result.get('prompt_tokens_per_request'))}</td>"
+                   f"<td>{_fmt((result.get('task') or {}).get('exact_match'), 'pct')}</td></tr>"
+                   for name, result in system_columns(comparison))
+    parts.append('<table class="metrics" id="prompt-tokens"><caption>What each system costs per request'
+                 "</caption><thead><tr><th></th><th>prompt tokens per request</th><th>exact match</th></tr></thead>"
+                 f"<tbody>{rows}</tbody></table>")
+    setup = few.get("shots") or {}
+    shots = setup.get("examples") or []
+    if shots:
+        items = "".join(
+            "<tr>" + f'<td class="text">{esc(source)}</td>' + "".join(
+                f'<td class="text"><strong>{esc(turn.get("role"))}:</strong> {esc(turn.get("content"))}</td>'
+                for turn in turns[:2]) + "</tr>"
+            for source, turns in zip(setup.get("sources") or [""] * len(shots), shots))
+        parts.append(f'<table class="samples" id="shots"><caption>The {len(shots)} examples in every few-shot prompt '
+                     f"(prior turns after the system prompt; seed {esc(setup.get('seed'))}, drawn from "
+                     f"{esc(', '.join(setup.get('data') or []))}; {esc(setup.get('excluded_overlap', 0))} training "
+                     "examples left out because they share a user turn with the held-out file)</caption>"
+                     "<thead><tr><th>from</th><th>user</th><th>assistant</th></tr></thead>"
+                     f"<tbody>{items}</tbody></table>")
+    return "".join(parts) + "</section>"
+
+
+def drift_section(comparison: dict) -> str:
+    """What fine-tuning cost elsewhere: KL and kept answers on general instructions, with the level."""
+    drift = comparison.get("drift")
+    parts = ['<section id="drift"><h2>Drift on general instructions</h2>']
+    if not drift:
+        parts.append(_notes_about(comparison, "drift") or '<p class="muted">Drift not measured.</p>')
+        return "".join(parts) + "</section>"
+    level = str(drift.get("level", ""))
+    css = {"low": "improved", "high": "worse"}.get(level, "same")
+    parts.append(f'<div class="verdict {css}" id="drift-level"><strong>Drift: {esc(level)}.</strong> '
+                 f"{esc(drift.get('reason', ''))}</div>")
+    t = drift.get("thresholds") or {}
+    parts.append('<p class="muted">Mean per-token KL(fine-tuned ‖ base) along the base model\'s own greedy answers, '
+                 "and the share of the fine-tuned model's answers that are the same or still contain the base "
+                 "answer's key fact (its first number or name not in the instruction, else its longest word). "
+                 f"Low: KL &lt; {_fmt(t.get('kl_noticeable'))} and ≥ {_fmt(t.get('kept_noticeable'), 'pct')} kept; "
+                 f"high: KL ≥ {_fmt(t.get('kl_high'))} or &lt; {_fmt(t.get('kept_high'), 'pct')} kept; "
+                 f"noticeable in between. Set: <code>{esc(drift.get('data', ''))}</code>, answers up to "
+                 f"{esc(drift.get('max_new_tokens', ''))} tokens.</p>")
+    rows = []
+    for item in (drift.get("items") or [])[:MAX_DRIFT_ROWS]:
+        rows.append("<tr>"
+                    f'<td class="text">{esc(item.get("instruction", ""))}</td>'
+                    f'<td class="text">{esc(item.get("base", ""))}</td>'
+                    f'<td class="text">{_mark(item.get("kept"))} {esc(item.get("fine_tuned", ""))}</td>'
+                    f'<td class="text">{esc(item.get("key_fact") or "—")}</td>'
+                    f'<td>{_fmt(item.get("kl"))}</td></tr>')
+    total = len(drift.get("items") or [])
+    note = f"first {len(rows)} of {total}" if total > len(rows) else f"all {total}"
+    parts.append(f'<table class="samples" id="drift-items"><caption>Instructions, {note} (✓ kept)</caption>'
+                 "<thead><tr><th>instruction</th><th>base</th><th>fine-tuned</th><th>key fact</th>"
+                 f"<th>KL</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return "".join(parts) + "</section>"
+
+
+def exported_section(comparison: dict) -> str:
+    """The exported GGUF scored in llama.cpp, side by side with homebake's merged model."""
+    comparison = upgrade_comparison(comparison)
+    gguf = comparison.get("gguf")
+    parts = ['<section id="exported"><h2>The exported file in llama.cpp</h2>']
+    if not gguf:
+        parts.append(_notes_about(comparison, "llama", "GGUF") or
+                     '<p class="muted">No exported file scored (homebake compare --gguf FILE).</p>')
+        return "".join(parts) + "</section>"
+    if gguf.get("verdict"):
+        parts.append(_verdict_box(gguf["verdict"], box_id="gguf-verdict", title="Exported file", good=("kept",),
+                                  bad=("lost",)))
+    parts.append(f'<p class="muted">File <code>{esc(gguf.get("file", ""))}</code> run by '
+                 f"{esc(gguf.get('runtime', 'llama.cpp'))} with its own chat template and end tokens, greedy, on the "
+                 "same held-out examples.</p>")
+    columns = [("homebake (merged)", comparison.get("fine_tuned") or {}), ("GGUF in llama.cpp", gguf)]
+    parts.append(metrics_html(columns, table_id="gguf-table", caption=f"{gguf.get('examples', '')} held-out examples; "
+                              f"same answer as homebake on {gguf.get('same_answers', '—')}"))
+    return "".join(parts) + "</section>"
 
 
 def training_section(records: list[dict]) -> str:
@@ -291,6 +428,7 @@ pre{background:#f9fafb;border:1px solid #e5e7eb;padding:10px;overflow:auto;font-
 def render_report(*, title: str, config_text: str | None, records: list[dict], comparison: dict | None,
                   paths: dict[str, str] | None = None) -> str:
     """The whole page as a string (pure: all inputs are given)."""
+    comparison = upgrade_comparison(comparison)
     subtitle = []
     if comparison:
         for key, label in (("model", "model"), ("adapter", "adapter"), ("data", "held-out data")):
@@ -301,10 +439,12 @@ def render_report(*, title: str, config_text: str | None, records: list[dict], c
              f"<h1>{esc(title)}</h1>",
              f'<p class="muted">{" · ".join(subtitle)}</p>' if subtitle else "",
              verdict_banner(comparison)]
-    if comparison and (comparison.get("base") or comparison.get("tuned")):
+    if comparison and (comparison.get("base") or comparison.get("fine_tuned")):
         parts.append(f'<section id="comparison"><h2>Before / after</h2>{before_after_table(comparison)}</section>')
+        parts += [baselines_section(comparison), drift_section(comparison), exported_section(comparison)]
     parts.append(training_section(records))
-    if comparison and ((comparison.get("base") or {}).get("samples") or (comparison.get("tuned") or {}).get("samples")):
+    if comparison and ((comparison.get("base") or {}).get("samples")
+                       or (comparison.get("fine_tuned") or {}).get("samples")):
         parts.append(f'<section id="generations"><h2>Samples</h2>{samples_table(comparison)}</section>')
     if paths:
         items = "".join(f"<tr><th>{esc(k)}</th><td><code>{esc(v)}</code></td></tr>" for k, v in paths.items())

@@ -37,9 +37,14 @@ def _tiny_models_run_single_threaded(one_thread):
 def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny_models import save_tiny_hf_model
 
+    from tokenizers import Tokenizer
+
     directory = tmp_path_factory.mktemp("eval-tiny-llama")
-    save_tiny_hf_model(directory, "llama_tied", max_position_embeddings=512)
     export_fixtures.save_byte_tokenizer(directory)
+    # the vocabulary exactly as large as the tokenizer: llama.cpp refuses a GGUF whose embedding has more rows
+    # than the token list; a long context for the few-shot prompts (~250 byte tokens per shot)
+    vocab = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()
+    save_tiny_hf_model(directory, "llama_tied", max_position_embeddings=4096, vocab_size=vocab)
     return directory
 
 

@@ -117,3 +117,106 @@ def test_loss_verdict_uses_per_example_pairs_and_tolerance():
     tiny = loss_verdict(before, [1.995] * 12, before_loss=2.0, after_loss=1.995)
     assert tiny.label == NO_CHANGE and tiny.wins == 0
     assert loss_verdict(after, before, before_loss=1.0, after_loss=2.0).label == WORSE
+
+
+# ---------------------------------------------------------------------------------------------- prompting verdict
+
+from homebake.metrics import (FINE_TUNING_WINS, HIGH, LOW, NEITHER, NOTICEABLE, PROMPTING_GETS_THERE,  # noqa: E402
+                              answer_kept, contains_fact, drift_level, key_fact, metric_rows, prompting_verdict)
+
+
+def _flags(ones: int, n: int = 20) -> list[float]:
+    return [1.0] * ones + [0.0] * (n - ones)
+
+
+def _verdict(base, few, tuned, **kw):
+    n = len(base)
+    means = (sum(base) / n, sum(few) / n, sum(tuned) / n)
+    return prompting_verdict("exact match", base, few, tuned, means=means, shots=5, few_shot_tokens=612.4,
+                             tuned_tokens=97.0, **kw)
+
+
+def test_prompting_verdict_fine_tuning_wins():
+    verdict = _verdict(_flags(0), _flags(4), _flags(18))  # 14 examples fine-tuned-only right, none the other way
+    assert verdict["label"] == FINE_TUNING_WINS
+    assert verdict["reason"] == ("fine-tuning beat 5-shot prompting by +70.0 points: exact match 20.0% with 5 "
+                                 "examples in the prompt (612 prompt tokens per request) -> 90.0% fine-tuned "
+                                 "(97 prompt tokens per request); 14 examples better, 0 worse than 5-shot "
+                                 "(sign test p=0.00012)")
+    assert (verdict["wins"], verdict["losses"]) == (14, 0) and verdict["few_shot"] == 0.2
+
+
+def test_prompting_verdict_prompting_already_gets_there():
+    verdict = _verdict(_flags(0), _flags(17), _flags(18))
+    assert verdict["label"] == PROMPTING_GETS_THERE
+    assert verdict["reason"].startswith("5-shot prompting already gets there: exact match 85.0% with 5 examples in "
+                                        "the prompt (612 prompt tokens per request) vs 90.0% fine-tuned")
+    assert "1 examples better, 0 worse than 5-shot (sign test p=1)" in verdict["reason"]
+    assert verdict["reason"].endswith("the base alone: 0.0%")
+    ahead = _verdict(_flags(0), _flags(18), _flags(8))  # prompting even beats the fine-tune
+    assert ahead["label"] == PROMPTING_GETS_THERE and "and is ahead of the fine-tune" in ahead["reason"]
+
+
+def test_prompting_verdict_neither():
+    nothing = _verdict(_flags(1), _flags(2), _flags(2))
+    assert nothing["label"] == NEITHER
+    assert nothing["reason"].startswith("neither fine-tuning nor 5-shot prompting clearly beat the base: exact match "
+                                        "base 5.0%, 5-shot 10.0%, fine-tuned 10.0%")
+    # fine-tuning beats the base, prompting half-way: neither clearly ahead of the other on 20 examples
+    between = _verdict(_flags(0), _flags(4), _flags(8))
+    assert between["label"] == NEITHER
+    assert "fine-tuning beat the base (0.0% -> 40.0% exact match) but not clearly 5-shot prompting" in between["reason"]
+    assert "more held-out examples would tell" in between["reason"]
+
+
+# ---------------------------------------------------------------------------------------------- drift
+
+
+@pytest.mark.parametrize("answer,instruction,fact", [
+    ("The capital of France is Paris.", "What is the capital of France?", "Paris"),
+    ("A leap year has 366 days.", "How many days are there in a leap year?", "366"),
+    ("12 x 12 = 144", "What is 12 multiplied by 12?", "144"),  # numbers from the question do not count
+    ("There are seven continents on Earth.", "How many continents are there on Earth?", "seven"),
+    ("Jupiter is the largest planet.", "Which planet is the largest?", "Jupiter"),
+    ("Yes.", "Answer with only yes or no: is the sun a star?", None),  # nothing but the question's own words
+    ("", "anything", None),
+])
+def test_key_fact(answer, instruction, fact):
+    assert key_fact(answer, instruction) == fact
+
+
+def test_answer_kept_same_or_with_the_key_fact():
+    question = "What is the capital of France?"
+    assert answer_kept("Paris is the capital.", "  paris IS the capital. ", question) == (True, True, "Paris")
+    assert answer_kept("The capital of France is Paris.", "It's Paris, of course!", question) == \
+        (False, True, "Paris")
+    assert answer_kept("The capital of France is Paris.", '{"name": "Paris"}', question)[1]
+    assert answer_kept("The capital of France is Paris.", "Lyon.", question) == (False, False, "Paris")
+    assert not answer_kept("Yes.", "No.", "yes or no?")[1]  # no key fact: only the same answer counts
+    assert contains_fact("about 100 degrees", "100") and not contains_fact("1000 degrees", "100")
+
+
+@pytest.mark.parametrize("kl,kept,level", [
+    (0.0, 1.0, LOW), (0.099, 0.8, LOW),
+    (0.1, 1.0, NOTICEABLE), (0.01, 0.79, NOTICEABLE), (0.49, 0.5, NOTICEABLE),
+    (0.5, 1.0, HIGH), (0.01, 0.49, HIGH), (2.0, 0.1, HIGH),
+])
+def test_drift_level_thresholds(kl, kept, level):
+    assert drift_level(kl, kept) == level
+
+
+def test_metric_rows_with_three_systems_change_against_the_base():
+    base = {"loss": 1.0, "task": {"exact_match": 0.0, "per_field": {"a": 0.1}}, "prompt_tokens_per_request": 90.0,
+            "stopped_share": 0.5}
+    few = {"loss": 0.8, "task": {"exact_match": 0.3, "per_field": {"a": 0.5}}, "prompt_tokens_per_request": 600.0,
+           "stopped_share": 1.0}
+    tuned = {"loss": 0.1, "task": {"exact_match": 0.9, "per_field": {"a": 1.0}}, "prompt_tokens_per_request": 90.0,
+             "stopped_share": 1.0}
+    rows = {row.label: row for row in metric_rows([base, few, tuned])}
+    assert rows["exact match"].values == [0.0, 0.3, 0.9] and rows["exact match"].change() == pytest.approx(0.9)
+    assert rows["validation loss (per trained token)"].improved() is True
+    assert rows["prompt tokens per request"].values == [90.0, 600.0, 90.0]
+    assert rows["prompt tokens per request"].change() is None  # context, not a metric
+    labels = list(rows)
+    assert labels.index("field a") < labels.index("answers ended by the end token") < \
+        labels.index("prompt tokens per request")

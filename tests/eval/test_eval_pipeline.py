@@ -9,6 +9,7 @@ import pytest
 import torch
 from chromium import find_chromium, render_page
 
+from homebake import gguf_eval
 from homebake.cli import main
 from homebake.demo import DemoSettings, run_demo, summary_lines
 from homebake.evaluate import EvalOptions, dataset_loss, evaluate_model, load_eval_data
@@ -84,16 +85,16 @@ def test_compare_writes_json_and_report_into_the_run(tiny_model_dir, tiny_run, e
     assert "verdict:" in printed and "exact match" in printed and "fine-tuned" in printed
     record = json.loads((tiny_run / "compare.json").read_text())
     assert record["verdict"]["label"] in ("improved", "no change", "worse")
-    assert record["base"]["examples"] == record["tuned"]["examples"] == 6
-    assert record["base"]["loss"] != record["tuned"]["loss"]  # the adapter really was applied
+    assert record["base"]["examples"] == record["fine_tuned"]["examples"] == 6
+    assert record["base"]["loss"] != record["fine_tuned"]["loss"]  # the adapter really was applied
     page = (tiny_run / "report.html").read_text()
     assert "Verdict:" in page and 'id="loss-chart"' in page and 'id="samples"' in page
     # the tuned numbers equal `homebake eval --adapter`, the base numbers `homebake eval` without it
     main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tiny_run), "--data",
           str(extract_dir / "test.jsonl"), "--device", "cpu", "--max-new-tokens", "8", "--json"])
     tuned = json.loads(capsys.readouterr().out)
-    assert tuned["loss"] == pytest.approx(record["tuned"]["loss"], rel=1e-6)
-    assert [s["output"] for s in tuned["samples"]] == [s["output"] for s in record["tuned"]["samples"]]
+    assert tuned["loss"] == pytest.approx(record["fine_tuned"]["loss"], rel=1e-6)
+    assert [s["output"] for s in tuned["samples"]] == [s["output"] for s in record["fine_tuned"]["samples"]]
 
 
 def test_generate_with_adapter_uses_the_merged_weights(tiny_model_dir, tiny_run):
@@ -134,11 +135,20 @@ def test_demo_at_tiny_scale_produces_every_artefact(tiny_model_dir, extract_dir,
     record = json.loads((out / "compare.json").read_text())
     assert record["data"] == str(extract_dir / "test.jsonl")  # evaluated on the held-out split
     assert record["base"]["task"]["count"] == 6
-    assert set(record["timings_s"]) == {"train", "evaluate", "export", "total"}
+    scored = gguf_eval.available()  # the GGUF is scored in llama.cpp when llama-cpp-python is installed
+    assert set(record["timings_s"]) == {"train", "evaluate", "export", "total"} | ({"gguf"} if scored else set())
+    assert record["few_shot"]["shots"]["shots"] == 5 and record["prompting_verdict"] is not None
+    assert record["few_shot"]["loss"] is None  # not scored by default: it costs as much again as answering
+    assert record["drift"]["instructions"] == 50 and record["drift"]["level"] in ("low", "noticeable", "high")
+    if scored:
+        assert record["gguf"]["task"]["count"] == 6 and record["gguf"]["verdict"]["label"] in ("kept", "lost")
+    else:
+        assert record["gguf"] is None and any("llama-cpp-python" in note for note in record["notes"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in m for m in metrics) and max(m["step"] for m in metrics) == 3
     page = demo.report.read_text()
     assert str(demo.gguf) in page and "Verdict:" in page
+    assert 'id="baselines"' in page and 'id="drift-level"' in page and 'id="exported"' in page
     binary = find_chromium()
     if binary is not None:  # the real report renders cleanly too
         shown = render_page(binary, demo.report, tmp_path / "demo-report.png",
@@ -146,7 +156,10 @@ def test_demo_at_tiny_scale_produces_every_artefact(tiny_model_dir, extract_dir,
         assert shown.console_errors == [] and shown.values["charts"] >= 3
     lines = summary_lines(demo, settings.model)
     assert lines[0].startswith("verdict: ") and any("homebake chat" in line for line in lines)
-    assert any(m.startswith("[4/4]") for m in messages)
+    assert any(line.startswith("  held-out (base / 5-shot / fine-tuned): exact match ") for line in lines)
+    assert any(line.startswith("  prompting vs fine-tuning: ") for line in lines)
+    assert any(line.startswith("  drift: ") for line in lines)
+    assert any(m.startswith("[5/5]") for m in messages)
     with pytest.raises(Exception, match="already exists"):
         run_demo(settings, say=messages.append)  # a second run never clobbers the first without --overwrite
 

@@ -13,7 +13,45 @@ from chromium import find_chromium, render_page
 CONFIG = "model: smollm2-135m-instruct\nmethod: lora\nlearning_rate: 0.0002\ndata:\n  paths: [train.jsonl]\n"
 
 
-def make_run(tmp_path, *, with_comparison=True):
+def full_comparison(run) -> dict:
+    """compare.json as `homebake compare --gguf` writes it: base, few-shot, fine-tuned, drift and the GGUF."""
+    sample = {"prompt": "Order for <Ann>: 2 mugs", "reference": '{"name": "Ann"}'}
+
+    def result(exact, tokens, output, loss):
+        return {"examples": 2, "loss": loss, "perplexity": None if loss is None else 2.7 ** loss, "prompt_tokens_per_request": tokens,
+                "stopped_share": 1.0,
+                "task": {"exact_match": exact, "normalized_match": exact, "valid_json": 1.0,
+                         "field_accuracy": exact, "per_field": {"name": exact}},
+                "samples": [dict(sample, output=output, exact=exact == 1.0)] * 2}
+
+    return {
+        "model": "smollm2-135m-instruct", "adapter": str(run), "data": "test.jsonl",
+        "base": result(0.0, 90.0, "Sure! <script>alert(1)</script>", 2.1),
+        "few_shot": dict(result(0.5, 612.0, '{"name": "ann lee"}', 1.2),
+                         shots={"shots": 5, "seed": 0, "data": ["train.jsonl"], "excluded_overlap": 1,
+                                "sources": [f"train.jsonl:{i}" for i in range(5)],
+                                "examples": [[{"role": "user", "content": f"order <{i}>"},
+                                              {"role": "assistant", "content": f'{{"qty": {i}}}'}]
+                                             for i in range(5)]}),
+        "fine_tuned": result(1.0, 90.0, '{"name": "Ann"}', 0.3),
+        "verdict": {"label": "improved", "reason": "exact match 0.0% -> 100.0% (+100.0 points)"},
+        "prompting_verdict": {"label": "fine-tuning wins", "reason": "fine-tuning beat 5-shot prompting by +50.0 "
+                              "points: exact match 50.0% with 5 examples in the prompt"},
+        "drift": {"level": "low", "mean_kl": 0.031, "kept_share": 0.94, "same_share": 0.8, "instructions": 2,
+                  "data": "drift.jsonl", "max_new_tokens": 48, "reason": "KL 0.031 nats/token on the base's answers",
+                  "thresholds": {"kl_noticeable": 0.1, "kl_high": 0.5, "kept_noticeable": 0.8, "kept_high": 0.5},
+                  "items": [{"instruction": "Capital of France?", "base": "Paris.", "fine_tuned": "It is Paris.",
+                             "key_fact": "Paris", "kept": True, "same": False, "kl": 0.02},
+                            {"instruction": "2+2?", "base": "4", "fine_tuned": "<b>5</b>", "key_fact": "4",
+                             "kept": False, "same": False, "kl": 0.05}]},
+        "gguf": dict(result(1.0, 90.0, '{"name": "Ann"}', None), file="run/gguf/run-Q8_0.gguf",
+                     runtime="llama.cpp (llama-cpp-python 0.3.16)", same_answers=2,
+                     verdict={"label": "kept", "reason": "exact match 100.0% in homebake -> 100.0% in llama.cpp"}),
+        "notes": [],
+    }
+
+
+def make_run(tmp_path, *, with_comparison=True, full=False):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(CONFIG)
@@ -38,8 +76,8 @@ def make_run(tmp_path, *, with_comparison=True):
                                "field_accuracy": 1.0, "per_field": {"name": 1.0}},
                       "samples": [dict(sample, output='{"name": "Ann"}', exact=True)] * 2},
             "verdict": {"label": "improved", "reason": "exact match 0.0% -> 100.0% (+100.0 points)"},
-        }
-        (run / "compare.json").write_text(json.dumps(comparison))
+        }  # the layout of an older compare.json: the fine-tuned result under "tuned", nothing else measured
+        (run / "compare.json").write_text(json.dumps(full_comparison(run) if full else comparison))
     return run
 
 
@@ -107,6 +145,44 @@ def test_report_is_self_contained_and_has_every_section(tmp_path):
     assert not list(run.glob(".report.html.*"))  # written atomically, no temporary left behind
 
 
+def test_report_sections_for_baselines_drift_and_the_exported_file(tmp_path):
+    run = make_run(tmp_path, full=True)
+    page = write_report(run).read_text()
+    parsed = _Collect()
+    parsed.feed(page)
+    assert "script" not in parsed.tags and "&lt;b&gt;5&lt;/b&gt;" in page and "&lt;0&gt;" in page
+    assert {"before-after", "baselines", "prompting-verdict", "prompt-tokens", "shots", "drift", "drift-level",
+            "drift-items", "exported", "gguf-verdict", "gguf-table", "samples"} <= parsed.ids
+    before_after = page[page.index('id="before-after"'):page.index("</table>", page.index('id="before-after"'))]
+    assert "<th>base</th><th>5-shot</th><th>fine-tuned</th><th>change vs base</th>" in before_after
+    assert "prompt tokens per request" in before_after and "<td>612.0</td>" in before_after
+    assert "Prompting vs fine-tuning: fine-tuning wins." in page
+    assert "Drift: low." in page and "KL &lt; 0.1" in page and "0.031 nats/token" in page
+    assert "Exported file: kept." in page and "run/gguf/run-Q8_0.gguf" in page
+    assert "<th>homebake (merged)</th><th>GGUF in llama.cpp</th>" in page
+    assert "<th>GGUF in llama.cpp</th></tr></thead>" in page  # the samples table has the GGUF's answers too
+
+
+def test_an_old_compare_json_with_tuned_still_reads(tmp_path):
+    run = make_run(tmp_path)  # the "tuned" layout
+    assert "tuned" in json.loads((run / "compare.json").read_text())
+    page = write_report(run).read_text()
+    assert "<th>base</th><th>fine-tuned</th><th>change</th>" in page and "+100.0 pts" in page
+    assert "No few-shot baseline measured" in page and "Drift not measured" in page
+    assert "No exported file scored" in page
+
+
+def test_sections_say_why_something_was_not_measured(tmp_path):
+    run = make_run(tmp_path, full=True)
+    comparison = json.loads((run / "compare.json").read_text())
+    comparison.update(few_shot=None, prompting_verdict=None, drift=None, gguf=None,
+                      notes=["few-shot baseline skipped: pass --shots-data TRAIN.jsonl",
+                             "llama-cpp-python is not installed, so the GGUF was not scored in llama.cpp; to "
+                             "score it: pip install \"homebake[llamacpp]\""])
+    page = write_report(run, comparison=comparison).read_text()
+    assert "pass --shots-data TRAIN.jsonl" in page and "homebake[llamacpp]" in page
+
+
 def test_a_comparison_older_than_the_training_log_is_not_shown(tmp_path):
     import os
 
@@ -128,9 +204,12 @@ def test_report_renders_in_headless_chromium(tmp_path):
     binary = find_chromium()
     if binary is None:
         pytest.skip("chromium not installed (scripts/setup.sh test installs it where apt-get is available)")
-    run = make_run(tmp_path)
+    run = make_run(tmp_path, full=True)
     report = write_report(run)
     result = render_page(binary, report, tmp_path / "report.png", {
+        "sections": "['baselines', 'drift', 'exported'].map(id => document.getElementById(id).offsetHeight)",
+        "drift_rows": "document.querySelectorAll('#drift-items tbody tr').length",
+        "columns": "document.querySelectorAll('#before-after thead th').length",
         "charts": "document.querySelectorAll('svg.chart').length",
         "drawn": "[...document.querySelectorAll('svg.chart polyline')].map(p => p.getBBox().width)",
         "chart_sizes": "[...document.querySelectorAll('svg.chart')].map(s => s.getBoundingClientRect().width)",
@@ -146,6 +225,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert result.values["verdict"].startswith("Verdict: improved")
     assert result.values["sample_rows"] == 2
     assert result.values["scripts"] == 0
+    assert all(height > 50 for height in result.values["sections"])  # the three sections are laid out
+    assert result.values["drift_rows"] == 2 and result.values["columns"] == 5
     png = result.screenshot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 

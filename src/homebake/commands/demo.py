@@ -26,16 +26,31 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="packed rows per step")
     parser.add_argument("--test-examples", type=int, default=None, help="use only the first N held-out examples")
     parser.add_argument("--quant", default=defaults.quant, help="GGUF type of the export (e.g. Q8_0, Q4_K_M, F16)")
+    parser.add_argument("--shots", type=int, default=defaults.shots,
+                        help="training examples in the few-shot baseline's prompt (0: no baseline)")
+    parser.add_argument("--no-drift", dest="drift", action="store_false",
+                        help="do not measure drift on the bundled general instructions")
+    parser.add_argument("--no-gguf-score", dest="score_gguf", action="store_false",
+                        help="do not score the exported GGUF in llama.cpp (done when llama-cpp-python is installed)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no training progress bar")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..demo import DemoSettings, main_lines
+    import sys
+
+    from ..demo import DemoSettings, run_demo, summary_lines
+    from .evaluate import metrics_table, system_columns
 
     settings = DemoSettings(model=args.model, data_dir=args.data_dir, out=args.out, max_steps=args.max_steps,
                             learning_rate=args.learning_rate, batch_size=args.batch_size,
                             test_examples=args.test_examples, quant=args.quant, device=args.device,
-                            overwrite=args.overwrite, progress=args.progress)
-    return main_lines(settings)
+                            overwrite=args.overwrite, progress=args.progress, shots=args.shots,
+                            drift=args.drift, score_gguf=args.score_gguf)
+    demo = run_demo(settings, say=lambda message: print(message, file=sys.stderr, flush=True))
+    columns = system_columns(demo.comparison)
+    print(metrics_table(columns, change="change vs base" if len(columns) > 2 else "change"))
+    print()
+    print("\n".join(summary_lines(demo, settings.model)))
+    return 0
