@@ -121,7 +121,9 @@ class Encoder:
                 raise RecordError(error.kind, f"{name}: {error.detail}" if error.detail else name,
                                   where=error.where, fix=error.fix) from None
         chosen, rejected = sides
-        return EncodedPair(chosen, rejected, conversation.source, _common_prefix(chosen.ids, rejected.ids))
+        # the prompt: the shared tokens before either reply starts (replies may share their first tokens)
+        prompt = min([_common_prefix(chosen.ids, rejected.ids)] + [e.mask.index(True) for e in sides])
+        return EncodedPair(chosen, rejected, conversation.source, prompt)
 
     def _encode_chat(self, conversation: Conversation, messages: list[dict] | None = None,
                      first_turn: int = 0) -> Encoded:
