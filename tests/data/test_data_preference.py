@@ -114,7 +114,7 @@ def pairs(tmp_path_factory):
 
 def test_pair_rows_keep_pairs_whole_and_number_their_sequences(pairs):
     examples, tokenizer = pairs
-    rows = pair_row_groups(examples, max_seq_len=160, packing=True, seed=1)
+    rows = pair_row_groups(examples, max_seq_len=400, packing=True, seed=1)
     assert sorted(i for row in rows for i in row) == list(range(9)) and any(len(row) > 1 for row in rows)
     batch = collate_pairs(examples, rows, tokenizer.pad_token_id)
     assert batch.num_pairs == 9 and batch.num_trained_tokens == sum(e.num_trained for e in examples)
@@ -125,7 +125,7 @@ def test_pair_rows_keep_pairs_whole_and_number_their_sequences(pairs):
             assert int(where.sum()) == len(encoded.ids)
             assert batch.input_ids[where].tolist() == encoded.ids
     assert int((batch.sequence_ids == -1).sum()) == batch.input_ids.numel() - batch.num_real_tokens
-    one_each = pair_row_groups(examples, max_seq_len=160, packing=False)
+    one_each = pair_row_groups(examples, max_seq_len=400, packing=False)
     assert sorted(len(row) for row in one_each) == [1] * 9
 
 
