@@ -93,11 +93,11 @@ def _evaluate(runner: StepRunner, batches, state: TrainerState, policy: EvalPoli
 
 def _val_stats(runner: StepRunner) -> dict[str, float]:
     """A preference objective's validation metrics as ``val_reward_accuracy``, ``val_reward_margin``, ..."""
-    return {f"val_{key}": value for key, value in runner.eval_stats.items()}
+    return {f"val_{key}": value for key, value in getattr(runner, "eval_stats", {}).items()}
 
 
 def _accuracy_note(runner: StepRunner) -> str:
-    accuracy = runner.eval_stats.get("reward_accuracy")
+    accuracy = getattr(runner, "eval_stats", {}).get("reward_accuracy")
     return f", reward accuracy {accuracy:.1%}" if accuracy is not None else ""
 
 
