@@ -9,6 +9,12 @@ Two measurements per dataset:
   turn before it) is rendered with the model's chat template, a greedy answer is generated, and it is
   scored by exact, normalised and per-field JSON match (``homebake.metrics``).
 
+On a file of preference pairs (``{"prompt", "chosen", "rejected"}``, see docs/data.md) the measurement is
+the **preference accuracy**: the share of pairs whose chosen reply the model gives a higher log-probability
+than the rejected one (summed over the reply's tokens, as DPO scores them; the per-token mean, as ORPO
+scores them, is reported next to it), with the margin; the loss is that of the chosen replies. ``compare``'s
+verdict is then the paired sign test over the pairs that flipped.
+
 An adapter is merged into full-precision (fp32) base weights before the model moves to its device/dtype,
 so the fine-tuned model runs at the base model's speed. ``compare`` evaluates the base, the base prompted with
 a few training examples (``homebake.baselines``), the base's answers to general instructions (``homebake.drift``),
@@ -81,6 +87,7 @@ class EvalData:
     path: str
     examples: list[EvalExample]
     skipped: list = field(default_factory=list)  # data.formats.Skipped
+    pairs: list = field(default_factory=list)  # data.encode.EncodedPair of a preference file
 
 
 def load_eval_data(path: str, tokenizer, options: EvalOptions, *, data_format: str = "auto") -> EvalData:
@@ -96,20 +103,25 @@ def load_eval_data(path: str, tokenizer, options: EvalOptions, *, data_format: s
         raise DataError(f"no usable example ({reasons})", where=path,
                         fix="run `homebake data check` on it to see why")
     encoder = Encoder(tokenizer, train_on=options.train_on, max_seq_len=options.max_seq_len, truncation="drop")
-    examples = []
+    examples, pairs = [], []
     for conversation in conversations:
         try:
             encoded = encoder(conversation)
         except RecordError as error:
             log.add(error)
             encoded = None
+        if conversation.is_pair:  # scored by preference accuracy; the loss is the chosen reply's
+            if encoded is not None:
+                pairs.append(encoded)
+            examples.append(EvalExample(conversation.source, encoded.chosen if encoded else None, None, None))
+            continue
         messages = conversation.messages
         if not conversation.is_text and messages and messages[-1]["role"] == "assistant" and len(messages) > 1:
             examples.append(EvalExample(conversation.source, encoded, messages[:-1], str(messages[-1]["content"]),
                                         conversation.tools))
         else:
             examples.append(EvalExample(conversation.source, encoded, None, None))
-    return EvalData(path, examples, log.items)
+    return EvalData(path, examples, log.items, pairs)
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -154,6 +166,42 @@ def dataset_loss(model, examples: list[EvalExample], *, pad_token_id: int, max_s
                     total += float(loss_sum)
                     count += n
     return LossResult(total / count if count else None, count, per_example)
+
+
+@torch.inference_mode()
+def preference_scores(model, pairs: list, *, pad_token_id: int, max_seq_len: int, batch_size: int) -> dict | None:
+    """Preference accuracy over pairs: does the model give the chosen reply a higher log-probability than the
+    rejected one? Summed over the reply tokens (``accuracy``, ``margin``) and per token (``accuracy_per_token``);
+    ``correct`` / ``margins`` per pair, in file order, for the paired test."""
+    from .data.pack import collate_pairs, pair_row_groups
+    from .train.loss import lm_head, shift_targets
+    from .train.objectives import sequence_logps
+
+    if not pairs:
+        return None
+    head = lm_head(model)
+    device = next(model.parameters()).device
+    rows = pair_row_groups(pairs, max_seq_len=max_seq_len, packing=True)
+    sums, means = [0.0] * (2 * len(pairs)), [0.0] * (2 * len(pairs))
+    for start in range(0, len(rows), batch_size):
+        batch_rows = rows[start:start + batch_size]
+        batch = collate_pairs(pairs, batch_rows, pad_token_id).to(device)
+        hidden = model(batch.input_ids, position_ids=batch.position_ids)
+        seq_sums, counts = sequence_logps(hidden, shift_targets(batch.labels, batch.position_ids), batch.sequence_ids,
+                                          head, 2 * batch.num_pairs)
+        order = [index for row in batch_rows for index in row]  # the batch's pairs, in sequence order
+        for j, index in enumerate(order):
+            for side in (0, 1):
+                total = float(seq_sums[2 * j + side])
+                sums[2 * index + side] = total
+                means[2 * index + side] = total / max(1, int(counts[2 * j + side]))
+    correct = [sums[2 * i] > sums[2 * i + 1] for i in range(len(pairs))]
+    margins = [sums[2 * i] - sums[2 * i + 1] for i in range(len(pairs))]
+    n = len(pairs)
+    return {"pairs": n, "accuracy": sum(correct) / n,
+            "accuracy_per_token": sum(means[2 * i] > means[2 * i + 1] for i in range(n)) / n,
+            "margin": sum(margins) / n, "chosen_logps": sum(sums[0::2]) / n, "rejected_logps": sum(sums[1::2]) / n,
+            "correct": correct, "margins": margins}
 
 
 # ---------------------------------------------------------------------------------------------- answers
@@ -225,6 +273,7 @@ class EvalResult:
     skipped: int = 0
     prompt_tokens_per_request: float | None = None  # mean prompt length of the answered examples
     stopped_share: float | None = None  # share of answers ended by the end token (not the length limit)
+    preference: dict | None = None  # preference_scores() on a file of pairs
 
     def to_dict(self) -> dict:
         return {"examples": self.examples, "loss": self.loss, "perplexity": self.perplexity,
@@ -232,7 +281,7 @@ class EvalResult:
                 "prompt_tokens_per_request": self.prompt_tokens_per_request, "stopped_share": self.stopped_share,
                 "generated_tokens": self.generated_tokens, "generation_tokens_per_s": self.generation_tokens_per_s,
                 "seconds": self.seconds, "skipped": self.skipped, "per_example_loss": self.per_example_loss,
-                "samples": self.samples}
+                "samples": self.samples, **({"preference": self.preference} if self.preference else {})}
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -248,14 +297,18 @@ def evaluate_model(model, tokenizer, data: EvalData, options: EvalOptions,
     model.eval()
     loss = dataset_loss(model, data.examples, pad_token_id=tokenizer.pad_token_id, max_seq_len=options.max_seq_len,
                         batch_size=options.batch_size)
+    preference = preference_scores(model, data.pairs, pad_token_id=tokenizer.pad_token_id,
+                                   max_seq_len=options.max_seq_len, batch_size=options.batch_size)
     with_reference = answered_examples(data, options)
     budget = answer_budget(with_reference, tokenizer, options) if with_reference else 0
     tick = time.perf_counter()
     answers = greedy_answers(model, tokenizer, with_reference, budget, batch_size=options.generation_batch,
                              progress=(lambda n: progress(f"{n}/{len(with_reference)} answered"))
                              if progress else None) if with_reference else []
-    return scored_result(data, with_reference, answers, loss, gen_seconds=time.perf_counter() - tick,
-                         started=started)
+    result = scored_result(data, with_reference, answers, loss, gen_seconds=time.perf_counter() - tick,
+                           started=started)
+    result.preference = preference
+    return result
 
 
 def answered_examples(data: EvalData, options: EvalOptions) -> list[EvalExample]:
@@ -565,6 +618,9 @@ def compare_verdicts(base: EvalResult, tuned: EvalResult) -> tuple[dict, dict | 
     if loss_pairs and base.loss is not None and tuned.loss is not None:
         by_loss = loss_verdict([b for b, _ in loss_pairs], [t for _, t in loss_pairs],
                                before_loss=base.loss, after_loss=tuned.loss).to_dict()
+    if base.preference and tuned.preference:  # a preference file: which reply each model prefers, pair by pair
+        return task_verdict(base.preference["correct"], tuned.preference["correct"],
+                            metric="preference accuracy").to_dict(), by_loss
     if base.scores and len(base.scores) == len(tuned.scores):
         metric, before, after, means = _paired_metric([base, tuned])
         if metric == "exact match":

@@ -371,6 +371,9 @@ METRIC_ROWS = (  # (label, key path in an EvalResult dict, kind, lower is better
     ("normalised match", ("task", "normalized_match"), "pct", False),
     ("valid JSON", ("task", "valid_json"), "pct", False),
     ("per-field match (all fields)", ("task", "field_accuracy"), "pct", False),
+    ("preference accuracy (chosen > rejected)", ("preference", "accuracy"), "pct", False),
+    ("preference accuracy per token", ("preference", "accuracy_per_token"), "pct", False),
+    ("preference margin (log-prob)", ("preference", "margin"), "num", False),
 )
 # after the per-field rows: whether answers stop where the model meant them to (an EOS problem shows here)
 TAIL_ROWS = (("answers ended by the end token", ("stopped_share",), "pct", False),)

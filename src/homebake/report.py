@@ -374,7 +374,8 @@ def exported_section(comparison: dict) -> str:
 
 def training_section(records: list[dict]) -> str:
     summary = training_summary(records)
-    loss_chart = line_chart("Loss per trained token", [
+    per_pair = any("reward_accuracy" in r for r in records)  # DPO/ORPO: the loss is per pair
+    loss_chart = line_chart("Loss per pair" if per_pair else "Loss per trained token", [
         Series("train", _points(records, "loss")),
         Series("validation", _points(records, "val_loss"), markers=True),
     ], x_label="optimizer step", y_label="loss", chart_id="loss-chart", width=1052, height=320)
@@ -401,8 +402,21 @@ def training_section(records: list[dict]) -> str:
     else:
         note = ""
     return (f'<section id="training"><h2>Training</h2>{note}<div class="charts">{loss_chart}</div>'
-            f'<div class="charts">{speed_chart}{memory_chart}</div>'
+            f'{preference_charts(records)}<div class="charts">{speed_chart}{memory_chart}</div>'
             f'<table class="summary" id="throughput">{table}</table></section>')
+
+
+def preference_charts(records: list[dict]) -> str:
+    """DPO/ORPO runs: reward accuracy and reward margin, train and validation ("" for SFT runs)."""
+    if not any("reward_accuracy" in r or "val_reward_accuracy" in r for r in records):
+        return ""
+    charts = [line_chart(title, [Series("train", _points(records, key)),
+                                 Series("validation", _points(records, f"val_{key}"), markers=True)],
+                         x_label="optimizer step", y_label=label, chart_id=f"{key.replace('_', '-')}-chart",
+                         width=520, height=260)
+              for key, title, label in (("reward_accuracy", "Reward accuracy (chosen beats rejected)", "share of pairs"),
+                                        ("reward_margin", "Reward margin (chosen − rejected)", "reward"))]
+    return f'<div class="charts" id="preference">{"".join(charts)}</div>'
 
 
 STYLE = """

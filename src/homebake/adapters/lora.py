@@ -404,3 +404,29 @@ def quantize_base_to_nf4(model: nn.Module, target_modules) -> list[str]:
             replace_module(model, path, NF4Linear.from_linear(module))
         quantized.append(path)
     return quantized
+
+
+def _base_forward(module: LoraLinear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return module._base(x, None, module.bias)
+
+    return forward
+
+
+class adapters_disabled:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """``with adapters_disabled(model):`` every LoraLinear computes its frozen base only (LoRA, DoRA and an NF4
+    base alike): the model is then the base it was built from, with no second copy in memory -- DPO's
+    reference. The adapters are untouched and come back on exit (also after an exception)."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = list(lora_modules(model).values())
+
+    def __enter__(self):
+        for module in self.modules:
+            module.forward = _base_forward(module)  # an instance attribute shadows the class's forward
+        return self
+
+    def __exit__(self, *exc):
+        for module in self.modules:
+            module.__dict__.pop("forward", None)
+        return False

@@ -3,7 +3,8 @@
 The report lists the detected format per file, example and turn counts, token-length statistics with a
 histogram, the trained-token fraction, truncated/dropped/duplicate counts with reasons, every skipped
 line as ``file:line: reason``, and a preview of rendered examples with trained tokens marked (colour
-on a terminal, ``[[...]]`` markers otherwise).
+on a terminal, ``[[...]]`` markers otherwise). Preference pairs get their own lines: pair count, prompt and
+reply lengths of each side with their trained tokens, and a preview showing the prompt once and both replies.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from .encode import Encoded
+from .encode import Encoded, EncodedPair
 from .pipeline import PreparedDataset
 
 GREEN, DIM, RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
@@ -97,22 +98,66 @@ def report(prepared: PreparedDataset, tokenizer, *, config, preview: int = 3, co
                          "differently once later turns follow (use train_on: last_turn, or one turn per example)")
     if len(chats) < kept:
         lines.append(f"Plain text: {kept - len(chats):,} examples (every token trained)")
+    pairs = [e for e in examples if isinstance(e, EncodedPair)]
+    if pairs:
+        lines += _pair_lines(pairs)
     if examples:
-        lines += _token_lines(examples, config)
+        lines += _token_lines(examples, config, pairs=bool(pairs))
     lines += _problem_lines(prepared, config)
     if examples and preview > 0:
         lines += ["", f"Preview of {min(preview, kept)} example(s) ({marker.legend()}):"]
         for encoded in examples[:preview]:
+            if isinstance(encoded, EncodedPair):
+                lines += _pair_preview(tokenizer, encoded, marker)
+                continue
             lines.append(f"--- {encoded.source} ({len(encoded.ids):,} tokens, {encoded.num_trained:,} trained)")
             lines.append(render_marked(tokenizer, encoded, marker))
     return "\n".join(lines)
 
 
-def _token_lines(examples: Sequence[Encoded], config) -> list[str]:
+def _stats_text(values: Sequence[int]) -> str:
+    stats = length_stats(values)
+    return (f"min {stats['min']:,}, median {stats['median']:,.0f}, mean {stats['mean']:,.1f}, p95 {stats['p95']:,}, "
+            f"max {stats['max']:,}")
+
+
+def _pair_lines(pairs: Sequence[EncodedPair]) -> list[str]:
+    """Pairs, the shared prompt's length and each side's reply length and trained tokens."""
+    lines = [f"Pairs: {len(pairs):,} preference pairs (the prompt is shared; only the replies and their "
+             "end-of-turn are trained)",
+             f"  prompt tokens: {_stats_text([p.prompt_tokens for p in pairs])}"]
+    for side in ("chosen", "rejected"):
+        encoded = [getattr(p, side) for p in pairs]
+        replies = [len(e.ids) - p.prompt_tokens for e, p in zip(encoded, pairs)]
+        lines.append(f"  {side} reply tokens: {_stats_text(replies)}; trained {sum(e.num_trained for e in encoded):,}")
+    longer = sum(len(p.chosen.ids) > len(p.rejected.ids) for p in pairs)
+    lines.append(f"  chosen reply longer than rejected in {longer:,} of {len(pairs):,} pairs")
+    return lines
+
+
+@dataclass
+class _Span:
+    ids: list[int]
+    mask: list[bool]
+
+
+def _pair_preview(tokenizer, pair: EncodedPair, marker: Marker) -> list[str]:
+    cut = pair.prompt_tokens
+    lines = [f"--- {pair.source} (pair: prompt {cut:,} tokens; chosen {pair.chosen.num_trained:,} trained, "
+             f"rejected {pair.rejected.num_trained:,} trained)",
+             render_marked(tokenizer, _Span(pair.chosen.ids[:cut], pair.chosen.mask[:cut]), marker) if cut else ""]
+    for side in ("chosen", "rejected"):
+        encoded = getattr(pair, side)
+        lines.append(f"{side}: " + render_marked(tokenizer, _Span(encoded.ids[cut:], encoded.mask[cut:]), marker))
+    return lines
+
+
+def _token_lines(examples: Sequence[Encoded], config, *, pairs: bool = False) -> list[str]:
     lengths = [len(e.ids) for e in examples]
     stats = length_stats(lengths)
     total, trained = sum(lengths), sum(e.num_trained for e in examples)
-    lines = ["", f"Tokens per example (max_seq_len {config.max_seq_len:,}): min {stats['min']:,}, "
+    unit = "pair (chosen + rejected)" if pairs else "example"
+    lines = ["", f"Tokens per {unit} (max_seq_len {config.max_seq_len:,} per sequence): min {stats['min']:,}, "
              f"median {stats['median']:,.0f}, mean {stats['mean']:,.1f}, p95 {stats['p95']:,}, max {stats['max']:,}"]
     lines += histogram(lengths)
     lines.append(f"Trained tokens: {trained:,} of {total:,} ({trained / max(1, total):.1%})")

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "completion", "text")
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "completion", "text", "preference")
 TRAIN_ON = ("all_assistant", "last_turn", "everything")
 TRUNCATION = ("drop", "truncate")
 
@@ -27,11 +27,12 @@ class DataConfig:
     seed: int = field(default=0, metadata={"help": "seed for the validation split and the packing/batch order"})
     format: str = field(default="auto", metadata={"help": (
         "example format: auto (detected per file), messages (OpenAI), sharegpt, alpaca, completion "
-        "(prompt/completion) or text (continued pre-training: every token trained)")})
+        "(prompt/completion), text (continued pre-training: every token trained) or preference (pairs: "
+        "prompt/chosen/rejected, for --objective dpo/orpo)")})
     fields: dict[str, str] = field(default_factory=dict, metadata={"help": (
         "rename map from homebake's field names to yours, e.g. {messages: dialog, role: speaker, "
         "content: text} or {instruction: question, output: answer}; names: messages, conversations, role, "
-        "content, from, value, tools, system, instruction, input, output, prompt, completion, text")})
+        "content, from, value, tools, system, instruction, input, output, prompt, completion, text, chosen, rejected")})
     roles: dict[str, str] = field(default_factory=dict, metadata={"help": (
         "extra role names mapped to system/user/assistant/tool, e.g. {bot: assistant, customer: user}")})
     hub_split: str = field(default="train", metadata={"help": "split to read from a hub dataset"})

@@ -8,6 +8,10 @@ model sees at inference. The trained span runs up to and including the turn's en
 (``<|im_end|>``, ``<|eot_id|>``, ``</s>`` ...); what a template writes after it (a newline) is not trained.
 
 Plain text (continued pre-training) is ``[BOS] + text + EOS`` with every token trained.
+
+A preference pair (``Conversation.is_pair``) becomes an `EncodedPair`: prompt + chosen and prompt + rejected,
+each encoded as above, with only the assistant turns *after* the shared prompt trained (whatever ``train_on``
+says): the prompt is the same rendered tokens on both sides, and only the replies and their end-of-turn count.
 """
 
 from __future__ import annotations
@@ -37,6 +41,53 @@ class Encoded:
         return sum(self.mask[1:])  # nothing predicts the first token
 
 
+@dataclass
+class EncodedPair:
+    """A preference pair ready for packing: ``chosen`` and ``rejected`` each hold the prompt and one reply.
+
+    ``prompt_tokens`` is the length of the token prefix both sides share (the rendered prompt). The
+    properties below describe the pair as one unit (both sequences go through the model together), so
+    code that counts tokens over examples works on pairs too.
+    """
+
+    chosen: Encoded
+    rejected: Encoded
+    source: str
+    prompt_tokens: int = 0
+
+    @property
+    def ids(self) -> list[int]:
+        return self.chosen.ids + self.rejected.ids
+
+    @property
+    def mask(self) -> list[bool]:
+        return self.chosen.mask + self.rejected.mask
+
+    @property
+    def num_trained(self) -> int:
+        return self.chosen.num_trained + self.rejected.num_trained
+
+    @property
+    def messages(self) -> int:
+        return self.chosen.messages
+
+    @property
+    def trained_turns(self) -> int:
+        return self.chosen.trained_turns + self.rejected.trained_turns
+
+    @property
+    def unattributed_turns(self) -> int:
+        return self.chosen.unattributed_turns + self.rejected.unattributed_turns
+
+    @property
+    def truncated_tokens(self) -> int:
+        return self.chosen.truncated_tokens + self.rejected.truncated_tokens
+
+    @property
+    def eos_appended(self) -> bool:
+        return self.chosen.eos_appended or self.rejected.eos_appended
+
+
 class Encoder:
     """Encodes conversations for one tokenizer and one set of data settings; raises RecordError."""
 
@@ -48,7 +99,9 @@ class Encoder:
         self.truncation = truncation
         self.end_ids = set(tokenizer.end_token_ids)
 
-    def __call__(self, conversation: Conversation) -> Encoded:
+    def __call__(self, conversation: Conversation) -> Encoded | EncodedPair:
+        if conversation.is_pair:
+            return self._encode_pair(conversation)
         if conversation.is_text:
             ids = self.tokenizer.encode(conversation.text, add_special_tokens=True) + [self.tokenizer.eos_token_id]
             encoded = Encoded(ids, [True] * len(ids), conversation.source)
@@ -58,8 +111,27 @@ class Encoder:
 
     # ---------------------------------------------------------------------------------------------
 
-    def _encode_chat(self, conversation: Conversation) -> Encoded:
-        messages = conversation.messages
+    def _encode_pair(self, conversation: Conversation) -> EncodedPair:
+        sides = []
+        for name, messages in (("chosen", conversation.messages), ("rejected", conversation.rejected)):
+            encoded = self._encode_chat(conversation, messages, first_turn=conversation.prompt_turns)
+            try:
+                sides.append(self._limit_length(encoded))
+            except RecordError as error:
+                raise RecordError(error.kind, f"{name}: {error.detail}" if error.detail else name,
+                                  where=error.where, fix=error.fix) from None
+        chosen, rejected = sides
+        # the prompt: the shared tokens before either reply starts (replies may share their first tokens)
+        prompt = min([_common_prefix(chosen.ids, rejected.ids)] + [e.mask.index(True) for e in sides])
+        return EncodedPair(chosen, rejected, conversation.source, prompt)
+
+    def _encode_chat(self, conversation: Conversation, messages: list[dict] | None = None,
+                     first_turn: int = 0) -> Encoded:
+        """``messages`` (default: the conversation's); ``first_turn`` > 0: only assistant turns from that
+        index on are trained (a preference pair's replies), whatever ``train_on`` says."""
+        pair = messages is not None
+        messages = conversation.messages if messages is None else messages
+        train_on = "all_assistant" if pair else self.train_on
         render_options = {"tools": conversation.tools} if conversation.tools else {}
 
         def render(prefix: Sequence[dict], generation_prompt: bool) -> str:
@@ -71,13 +143,13 @@ class Encoder:
 
         full_text = render(messages, False)
         ids = self._tokens(full_text)
-        encoded = Encoded(ids, [self.train_on == "everything"] * len(ids), conversation.source,
+        encoded = Encoded(ids, [train_on == "everything"] * len(ids), conversation.source,
                           messages=len(messages))
-        if self.train_on == "everything":
+        if train_on == "everything":
             encoded.trained_turns = sum(m["role"] == "assistant" for m in messages)
             return encoded
-        turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-        if self.train_on == "last_turn":
+        turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" and k >= first_turn]
+        if train_on == "last_turn":
             turns = turns[-1:]
         for k in turns:
             # Where the reply starts: after the generation prompt; templates whose generation prompt

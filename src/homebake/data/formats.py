@@ -2,7 +2,9 @@
 
 Inputs: JSONL, JSON (an array, or an object holding a list), CSV, Parquet, folders of those, and hub
 datasets (through the optional `datasets` package). Formats, detected per file unless configured:
-OpenAI ``messages``, ShareGPT ``conversations``, Alpaca, ``prompt``/``completion`` and plain ``text``.
+OpenAI ``messages``, ShareGPT ``conversations``, Alpaca, ``prompt``/``completion`` and plain ``text``;
+and preference pairs (``preference``): ``{"prompt", "chosen", "rejected"}`` with strings or message lists,
+or ``{"chosen": messages, "rejected": messages}`` whose shared leading turns are the prompt.
 
 Every bad example becomes a `RecordError` (a DataError with a short ``kind`` used for per-reason counts)
 naming ``file:line``; the caller decides whether to skip it or stop (`SkipLog`). Nothing a user can put
@@ -24,7 +26,7 @@ from ..errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 CANONICAL_FIELDS = ("messages", "conversations", "role", "content", "from", "value", "tools", "system",
-                    "instruction", "input", "output", "prompt", "completion", "text")
+                    "instruction", "input", "output", "prompt", "completion", "text", "chosen", "rejected")
 # Role names found in the wild that mean one of ours without any configuration.
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "developer": "system"}
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
@@ -47,6 +49,8 @@ class Conversation:
     Chat examples have ``messages`` (dicts with ``role`` in ROLES and a string ``content``; assistant
     turns may carry ``tool_calls``, tool turns ``name``/``tool_call_id``) and optional ``tools``.
     Plain-text examples (continued pre-training) have ``text`` and no messages.
+    A preference pair has ``messages`` = prompt + chosen reply, ``rejected`` = prompt + rejected reply, and
+    ``prompt_turns``: how many leading messages are the shared prompt (only the turns after it are trained).
     """
 
     messages: list[dict[str, Any]]
@@ -54,14 +58,21 @@ class Conversation:
     format: str
     tools: list[dict[str, Any]] | None = None
     text: str | None = None
+    rejected: list[dict[str, Any]] | None = None
+    prompt_turns: int = 0
 
     @property
     def is_text(self) -> bool:
         return self.text is not None
 
+    @property
+    def is_pair(self) -> bool:
+        return self.rejected is not None
+
     def key(self) -> str:
         """Canonical serialisation: equal keys mean exact duplicates."""
-        return json.dumps([self.messages, self.tools, self.text], sort_keys=True, ensure_ascii=False)
+        parts = [self.messages, self.tools, self.text] + ([self.rejected] if self.rejected is not None else [])
+        return json.dumps(parts, sort_keys=True, ensure_ascii=False)
 
 
 @dataclass
@@ -108,6 +119,8 @@ def detect_format(record: Any, names: FieldNames = FieldNames()) -> str | None:
     """The format a record looks like, or None. Order matters: richer formats win."""
     if not isinstance(record, dict):
         return None
+    if names["chosen"] in record and names["rejected"] in record:
+        return "preference"
     if names["messages"] in record:
         return "messages"
     if names["conversations"] in record:
@@ -220,8 +233,67 @@ def _parse_text(rec: _Record, fmt: str) -> Conversation:
     return Conversation(messages=[], source=rec.source, format=fmt, text=text)
 
 
+def _parse_preference(rec: _Record, fmt: str) -> Conversation:
+    """A preference pair: an explicit ``prompt`` (text or messages) with ``chosen``/``rejected`` replies (text or
+    messages), or ``chosen``/``rejected`` whole conversations whose shared leading messages are the prompt."""
+    prompt_value = rec.get("prompt", required=False)
+    sides = {}
+    for name in ("chosen", "rejected"):
+        value = rec.get(name, required=True)
+        if isinstance(value, list):
+            sides[name] = [_message(rec, item, i) for i, item in enumerate(value)]
+        else:
+            text = rec.string(name, required=True, allow_empty=True)
+            if not text.strip():
+                raise rec.error("empty assistant content", f"{rec.names[name]!r} is empty",
+                                fix="remove the pair or give both replies text")
+            if prompt_value is None:
+                raise rec.error("missing field", f"no {rec.names['prompt']!r}: a {name} reply given as text needs "
+                                "one", fix="add the prompt, or give chosen/rejected as message lists that share "
+                                "the prompt turns")
+            sides[name] = [{"role": "assistant", "content": text}]
+    if prompt_value is None:  # implicit prompt: the leading messages both conversations share
+        shared = _shared_prefix(sides["chosen"], sides["rejected"])
+        prompt, raw = sides["chosen"][:shared], {name: messages[shared:] for name, messages in sides.items()}
+    else:
+        if isinstance(prompt_value, list):
+            prompt = [_message(rec, item, i) for i, item in enumerate(prompt_value)]
+        else:
+            prompt = [{"role": "user", "content": rec.string("prompt", required=True)}]
+        # a reply that repeats the prompt turns at its start keeps only what follows them
+        raw = {name: messages[len(prompt):] if messages[:len(prompt)] == prompt else messages
+               for name, messages in sides.items()}
+    if not prompt:
+        raise rec.error("no prompt", "chosen and rejected share no leading turn",
+                        fix="add a 'prompt' field, or start both conversations with the same user turn")
+    prompt = _with_system(rec, prompt)
+    replies = {}
+    for name, messages in raw.items():
+        if not messages:
+            raise rec.error("no reply", f"{rec.names[name]!r} has no turn after the prompt",
+                            fix="give chosen and rejected different replies after the same prompt turns")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise rec.error("no assistant turn", f"{rec.names[name]!r} has no assistant reply",
+                            fix="end chosen and rejected with an assistant reply")
+        replies[name] = messages
+    if replies["chosen"] == replies["rejected"]:
+        raise rec.error("identical replies", "chosen and rejected are the same", fix="remove the pair")
+    chosen = _conversation(rec, fmt, prompt + replies["chosen"], tools=_tools(rec))
+    _conversation(rec, fmt, prompt + replies["rejected"])  # the same checks on the rejected side
+    chosen.rejected = prompt + replies["rejected"]
+    chosen.prompt_turns = len(prompt)
+    return chosen
+
+
+def _shared_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 _PARSERS = {"messages": _parse_messages, "sharegpt": _parse_messages, "alpaca": _parse_alpaca,
-            "completion": _parse_completion, "text": _parse_text}
+            "completion": _parse_completion, "text": _parse_text, "preference": _parse_preference}
 
 
 def _with_system(rec: _Record, messages: list[dict]) -> list[dict]:

@@ -118,3 +118,64 @@ def packing_efficiency(examples: Sequence[EncodedLike], rows: Sequence[Sequence[
     """Fraction of the ``rows × max_seq_len`` slots holding real tokens."""
     used = sum(len(examples[i].ids) for row in rows for i in row)
     return used / max(1, len(rows) * max_seq_len)
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference pairs: chosen and rejected of one pair always share a row (two segments, isolated like any
+# packed examples), so they go through the model in the same forward pass.
+
+
+@dataclass
+class PairBatch(PackedBatch):
+    """A `PackedBatch` of preference pairs. ``sequence_ids`` (B, T) long: for every token the batch-local
+    sequence it belongs to -- ``2 j`` the chosen and ``2 j + 1`` the rejected sequence of the batch's pair
+    ``j`` -- and -1 at padding. ``num_pairs`` is the loss normaliser of the preference objectives."""
+
+    sequence_ids: torch.Tensor = None
+    num_pairs: int = 0
+
+    def to(self, device) -> "PairBatch":
+        return PairBatch(self.input_ids.to(device), self.position_ids.to(device), self.labels.to(device),
+                         self.num_trained_tokens, self.num_real_tokens, self.sequence_ids.to(device), self.num_pairs)
+
+
+class PairLike(Protocol):
+    chosen: EncodedLike
+    rejected: EncodedLike
+
+
+def pair_row_groups(pairs: Sequence[PairLike], *, max_seq_len: int, packing: bool, seed: int = 0,
+                    epoch: int = 0) -> list[list[int]]:
+    """Rows (lists of pair indices) for this epoch: whole pairs packed best-fit decreasing into
+    ``max_seq_len``-token rows; a pair longer than that (each side is at most ``max_seq_len``) gets a row of
+    its own. Without packing every pair is its own row."""
+    if packing:
+        lengths = [min(max_seq_len, len(p.chosen.ids) + len(p.rejected.ids)) for p in pairs]
+        rows = pack_rows(lengths, max_seq_len)
+    else:
+        rows = [[i] for i in range(len(pairs))]
+    random.Random(f"{seed}:{epoch}").shuffle(rows)
+    return rows
+
+
+def collate_pairs(pairs: Sequence[PairLike], rows: Sequence[Sequence[int]], pad_token_id: int) -> PairBatch:
+    """One batch from rows of pair indices: each pair's chosen then rejected sequence, as packed segments."""
+    flat, flat_rows, owner = [], [], []
+    for row in rows:
+        flat_row = []
+        for index in row:
+            flat_row += [len(flat), len(flat) + 1]
+            flat += [pairs[index].chosen, pairs[index].rejected]
+        flat_rows.append(flat_row)
+    batch = collate(flat, flat_rows, pad_token_id)
+    sequence_ids = torch.full_like(batch.input_ids, -1)
+    for r, row in enumerate(flat_rows):
+        start = 0
+        for i in row:  # flat example i is sequence i of the batch (pairs numbered in row order)
+            owner.append(i)
+            end = start + len(flat[i].ids)
+            sequence_ids[r, start:end] = len(owner) - 1
+            start = end
+    # sequence numbers follow the rows, which list each pair's chosen side right before its rejected side
+    return PairBatch(batch.input_ids, batch.position_ids, batch.labels, batch.num_trained_tokens,
+                     batch.num_real_tokens, sequence_ids, len(owner) // 2)

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..run_folder import CONFIG_FILE
 
 METHODS = ("lora", "dora", "qlora", "full")
+OBJECTIVES = ("sft", "dpo", "orpo")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -61,6 +62,16 @@ class TrainConfig:
     adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
     adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
     max_grad_norm: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0 disables)"))
+
+    objective: str = field(default="sft", metadata=_help(
+        "sft (next-token loss on the replies), dpo (preference pairs; the reference is the base model: adapters "
+        "disabled, or a frozen copy for --method full) or orpo (preference pairs, reference-free)"))
+    dpo_beta: float = field(default=0.1, metadata=_help(
+        "DPO's beta: how far the tuned model may move from the reference (higher: closer to it)"))
+    dpo_label_smoothing: float = field(default=0.0, metadata=_help(
+        "DPO label smoothing in [0, 0.5): the assumed share of pairs labelled the wrong way round (cDPO)"))
+    orpo_lambda: float = field(default=0.1, metadata=_help(
+        "ORPO's lambda: weight of the odds-ratio term next to the chosen replies' token loss"))
 
     precision: str = field(default="auto", metadata=_help(
         "auto (bf16 where the device computes it natively: GPUs, CPUs with AVX512-BF16/AMX; else fp32), "
@@ -123,6 +134,11 @@ class TrainConfig:
               "warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]", "e.g. 0.03 and 0.1")
         check(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0", "e.g. 30")
         check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", "use 0 to disable clipping")
+        check(self.objective in OBJECTIVES, "objective", f"unknown objective {self.objective!r}",
+              f"use one of {', '.join(OBJECTIVES)}")
+        check(self.dpo_beta > 0 and self.orpo_lambda >= 0, "dpo_beta", "dpo_beta must be > 0 and orpo_lambda >= 0",
+              "e.g. 0.1")
+        check(0.0 <= self.dpo_label_smoothing < 0.5, "dpo_label_smoothing", "must be in [0, 0.5)", "e.g. 0 or 0.1")
         if self.method == "dora":
             self.lora.use_dora = True
         check(not (self.method == "full" and self.lora.use_dora), "method", "DoRA is an adapter method",

@@ -3,6 +3,9 @@
 The batch order of epoch ``e`` depends only on the examples, the data seed and ``e`` (see
 ``homebake.data.pack.row_groups``), so the stream's whole state is ``(epoch, index)``: a resumed run
 rebuilds the same rows and continues at the same micro-batch.
+
+Preference pairs (``data.encode.EncodedPair``) are batched whole (``data.pack.pair_row_groups`` /
+``collate_pairs``): chosen and rejected of a pair share a row and a forward pass.
 """
 
 from __future__ import annotations
@@ -10,7 +13,14 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ..data.pack import PackedBatch, collate, row_groups
+from ..data.pack import PackedBatch, collate, collate_pairs, pair_row_groups, row_groups
+
+
+def _batching(examples: Sequence):
+    """(row grouping, collate) for these examples: pairs are kept whole."""
+    if examples and hasattr(examples[0], "rejected"):
+        return pair_row_groups, collate_pairs
+    return row_groups, collate
 
 
 class BatchStream:
@@ -26,10 +36,11 @@ class BatchStream:
         self.index = index
         self._rows: list[list[int]] | None = None
         self._rows_epoch = -1
+        self._row_groups, self._collate = _batching(examples)
 
     def _rows_for(self, epoch: int) -> list[list[int]]:
         if self._rows_epoch != epoch:
-            self._rows = row_groups(self.examples, max_seq_len=self.max_seq_len, packing=self.packing,
+            self._rows = self._row_groups(self.examples, max_seq_len=self.max_seq_len, packing=self.packing,
                                     seed=self.seed, epoch=epoch)
             self._rows_epoch = epoch
         return self._rows
@@ -50,12 +61,13 @@ class BatchStream:
         rows = self._rows_for(self.epoch)
         start = self.index * self.batch_size
         self.index += 1
-        return collate(self.examples, rows[start:start + self.batch_size], self.pad_token_id)
+        return self._collate(self.examples, rows[start:start + self.batch_size], self.pad_token_id)
 
 
 def evaluation_batches(examples: Sequence, *, batch_size: int, max_seq_len: int, pad_token_id: int,
                        packing: bool, limit: int | None = None) -> list[PackedBatch]:
     """The validation set as batches in a fixed order (built once, reused at every evaluation)."""
-    rows = row_groups(examples, max_seq_len=max_seq_len, packing=packing, seed=0, epoch=0)
-    batches = [collate(examples, rows[i:i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
+    group, join = _batching(examples)
+    rows = group(examples, max_seq_len=max_seq_len, packing=packing, seed=0, epoch=0)
+    batches = [join(examples, rows[i:i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
     return batches[:limit] if limit else batches

@@ -86,9 +86,19 @@ def _evaluate(runner: StepRunner, batches, state: TrainerState, policy: EvalPoli
     if val is None:
         return False
     improved = policy.record(state, val)
-    metrics.write({"step": state.step, "val_loss": val})
-    _log(f"step {state.step}: validation loss {val:.4f}" + (" (best)" if improved else ""), bar)
+    metrics.write({"step": state.step, "val_loss": val, **_val_stats(runner)})
+    _log(f"step {state.step}: validation loss {val:.4f}{_accuracy_note(runner)}" + (" (best)" if improved else ""), bar)
     return improved
+
+
+def _val_stats(runner: StepRunner) -> dict[str, float]:
+    """A preference objective's validation metrics as ``val_reward_accuracy``, ``val_reward_margin``, ..."""
+    return {f"val_{key}": value for key, value in getattr(runner, "eval_stats", {}).items()}
+
+
+def _accuracy_note(runner: StepRunner) -> str:
+    accuracy = getattr(runner, "eval_stats", {}).get("reward_accuracy")
+    return f", reward accuracy {accuracy:.1%}" if accuracy is not None else ""
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):
@@ -111,8 +121,8 @@ def run_loop(runner: StepRunner, optimizer, stream: BatchStream, eval_batches: l
     """
     if evaluation.at_start and eval_batches:  # where the curve starts: the untrained model's validation loss
         start_loss = runner.evaluate(eval_batches)
-        metrics.write({"step": 0, "val_loss": start_loss})
-        _log(f"step 0: validation loss {start_loss:.4f} (before training)", None)
+        metrics.write({"step": 0, "val_loss": start_loss, **_val_stats(runner)})
+        _log(f"step 0: validation loss {start_loss:.4f}{_accuracy_note(runner)} (before training)", None)
     bar = _progress_bar(progress, stop.total_steps, state.step)
     stopped, last_loss = "completed", None
     run_tokens, run_time = 0, 0.0
@@ -123,6 +133,7 @@ def run_loop(runner: StepRunner, optimizer, stream: BatchStream, eval_batches: l
                 lr = schedule.apply(optimizer, state.step)
                 micro = [stream.next() for _ in range(stop.micro_batches(grad_accum, stream.consumed))]
                 loss_value, grad_value, step_trained = _accumulate(runner, micro, params, max_grad_norm)
+                step_stats = runner.take_stats()  # DPO/ORPO: reward accuracy, margin, log-probs ({} for SFT)
                 if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
                     optimizer.zero_grad(set_to_none=True)
                     metrics.write({"step": state.step + 1, "loss": loss_value, "grad_norm": grad_value, "lr": lr})
@@ -144,9 +155,11 @@ def run_loop(runner: StepRunner, optimizer, stream: BatchStream, eval_batches: l
                                    "tokens_per_s": round(tokens_per_s, 1), "tokens": step_real,
                                    "trained_tokens": step_trained,
                                    "epoch": round(stream.consumed / stream.batches_per_epoch, 4),
-                                   "elapsed_s": round(state.elapsed_s, 3), **memory_stats(runner.device)})
+                                   "elapsed_s": round(state.elapsed_s, 3), **memory_stats(runner.device),
+                                   **step_stats})
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+                    accuracy = {"acc": f"{step_stats['reward_accuracy']:.2f}"} if step_stats else {}
+                    bar.set_postfix(loss=f"{loss_value:.4f}", **accuracy, tok_s=f"{tokens_per_s:.0f}", refresh=False)
                     bar.update(1)
 
                 improved = False

@@ -2,7 +2,10 @@
 
 Train lines hold ``step, loss, lr, grad_norm, tokens_per_s, trained_tokens, tokens, epoch, elapsed_s``
 and memory (``rss_gib``, ``peak_rss_gib``, plus ``device_gib``/``peak_device_gib`` on GPUs);
-validation lines hold ``step, val_loss``. A resumed run first drops the lines its crashed predecessor
+validation lines hold ``step, val_loss``. Preference objectives (DPO/ORPO) add ``reward_accuracy,
+reward_margin, chosen_reward, rejected_reward, chosen_logps, rejected_logps`` to train lines and the same
+keys prefixed ``val_`` to validation lines; ``loss.png`` then gets a second panel with the reward accuracy
+and margin. A resumed run first drops the lines its crashed predecessor
 wrote after the checkpoint it resumes from, so every step appears once.
 """
 
@@ -107,15 +110,19 @@ def plot_losses(out_dir: str | Path) -> Path | None:
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if not train and not val:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    preference = any("reward_accuracy" in r or "val_reward_accuracy" in r for r in records)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
         ax.plot(*zip(*val), label="validation", marker="o", linewidth=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (per trained token)")
+    ax.set_ylabel("loss (per pair)" if preference else "loss (per trained token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if preference:
+        _plot_rewards(axes[0][1], records)
     fig.tight_layout()
     target = Path(out_dir) / PLOT_FILE
     try:
@@ -127,3 +134,24 @@ def plot_losses(out_dir: str | Path) -> Path | None:
     finally:
         plt.close(fig)
     return target
+
+
+def _plot_rewards(ax, records: list[dict]) -> None:
+    """Reward accuracy (left axis) and reward margin (right axis), train and validation."""
+    for key, label, style in (("reward_accuracy", "train accuracy", {"linewidth": 1}),
+                              ("val_reward_accuracy", "validation accuracy", {"marker": "o", "linewidth": 1.5})):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), label=label, **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward accuracy (chosen beats rejected)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    margin = ax.twinx()
+    for key, label in (("reward_margin", "train margin"), ("val_reward_margin", "validation margin")):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            margin.plot(*zip(*points), label=label, linestyle="--", linewidth=1)
+    margin.set_ylabel("reward margin")
+    lines = ax.get_legend_handles_labels(), margin.get_legend_handles_labels()
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize="small")

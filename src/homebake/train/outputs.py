@@ -75,6 +75,16 @@ def _write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path) -> l
     return [target]
 
 
+def _reference_bytes(setup: TrainingSetup) -> int:
+    """The frozen reference copy a full-fine-tune DPO run keeps (``train.objectives.frozen_reference``)."""
+    reference = getattr(setup.runner.objective, "reference_model", None)
+    if reference is None:
+        return 0
+    unique = {id(p): p for p in reference.parameters()}.values()  # tied embeddings count once
+    return sum(p.numel() * p.element_size() for p in unique) + sum(b.numel() * b.element_size()
+                                                                   for b in reference.buffers())
+
+
 def print_header(setup: TrainingSetup) -> None:
     """The run's opening lines on stderr: parameters, the memory plan (and a warning if it may not fit), the plan."""
     config, model = setup.config, setup.model
@@ -95,7 +105,7 @@ def print_header(setup: TrainingSetup) -> None:
         activation_bytes=torch.finfo(setup.compute_dtype).bits // 8,
         gradient_checkpointing=config.gradient_checkpointing,
         adapter_dropout=config.method != "full" and config.lora.dropout > 0,
-        head_chunk_rows=setup.runner.chunk_rows)
+        head_chunk_rows=setup.runner.chunk_rows, reference_bytes=_reference_bytes(setup))
     free = available_memory(setup.device)
     print(plan.describe() + (f"; {free / GIB:.1f} GiB available" if free else ""), file=sys.stderr)
     if free and plan.total > free:

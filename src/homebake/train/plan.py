@@ -23,16 +23,18 @@ class MemoryPlan:
     optimizer_state: int
     activations: int
     loss_head: int
+    reference_weights: int = 0  # full-fine-tune DPO: the frozen copy of the starting weights
 
     @property
     def total(self) -> int:
         return (self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer_state
-                + self.activations + self.loss_head)
+                + self.activations + self.loss_head + self.reference_weights)
 
     def describe(self) -> str:
         parts = [("frozen weights", self.frozen_weights), ("trainable weights", self.trainable_weights),
                  ("gradients", self.gradients), ("AdamW state", self.optimizer_state),
-                 ("activations", self.activations), ("LM head chunk", self.loss_head)]
+                 ("activations", self.activations), ("LM head chunk", self.loss_head),
+                 ("DPO reference", self.reference_weights)]
         listed = ", ".join(f"{name} {size / GIB:.2f}" for name, size in parts if size)
         return f"estimated peak memory {self.total / GIB:.2f} GiB ({listed})"
 
@@ -58,6 +60,7 @@ def estimate_memory(
     gradient_checkpointing: bool,
     adapter_dropout: bool,
     head_chunk_rows: int,
+    reference_bytes: int = 0,
 ) -> MemoryPlan:
     frozen = trainable = 0
     seen: set[int] = set()
@@ -78,7 +81,7 @@ def estimate_memory(
         per_token = num_layers * per_layer_elements
     activations = tokens_per_micro_batch * per_token * activation_bytes
     head = head_chunk_rows * vocab_size * 4 * 2  # fp32 logits and their gradient for one chunk
-    return MemoryPlan(frozen, trainable, trainable, 2 * trainable, activations, head)
+    return MemoryPlan(frozen, trainable, trainable, 2 * trainable, activations, head, reference_bytes)
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -153,6 +153,14 @@ def load_examples(config: TrainConfig, tokenizer) -> tuple[list, list, str]:
     return prepared.train, prepared.validation, prepared.summary()
 
 
+def _objective_for(config: TrainConfig, model: ModelSetup, compute_dtype: torch.dtype, examples: list):
+    """--objective: None (SFT) or DPO/ORPO (``train.objectives``), after checking the data holds the right kind."""
+    from .objectives import build_objective, check_examples
+
+    check_examples(config.objective, examples, where=f"data {', '.join(config.data.paths)}")
+    return build_objective(config, model.model, compute_dtype)
+
+
 def make_optimizer(config: TrainConfig, params: dict[str, torch.nn.Parameter], device: torch.device):
     """AdamW (fused where the device has it), weight decay only on matrices."""
     decay = [p for p in params.values() if p.ndim >= 2]
@@ -224,6 +232,7 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock) -> TrainingSetup:
     model = build_model(config, device, compute_dtype)
     tokenizer = model.loaded.tokenizer
     train_examples, val_examples, data_summary = load_examples(config, tokenizer)
+    objective = _objective_for(config, model, compute_dtype, train_examples + val_examples)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out)
 
@@ -238,7 +247,8 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock) -> TrainingSetup:
     schedule = LRSchedule(config.resolved_learning_rate(), total_steps, warmup, config.schedule,
                           config.min_lr_ratio)
     optimizer = make_optimizer(config, model.trainable, device)
-    runner = StepRunner(model.model, model.head_weight, compute_dtype, device, config.loss_chunk_rows)
+    runner = StepRunner(model.model, model.head_weight, compute_dtype, device, config.loss_chunk_rows,
+                        objective=objective)
     state = TrainerState(param_names=list(model.trainable))
     if resume_from is not None:
         state = resume_from_checkpoint(resume_from, model, optimizer, stream)
