@@ -32,6 +32,10 @@ def no_network(monkeypatch):
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
+    # huggingface_hub reads the switch once, at import (after tests/conftest.py turned it on); transformers asks it
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(socket.socket, "connect", refuse("socket.connect"))
     monkeypatch.setattr(socket.socket, "connect_ex", refuse("socket.connect_ex"))
     monkeypatch.setattr(socket, "create_connection", refuse("socket.create_connection"))
@@ -45,6 +49,8 @@ def workspace(tmp_path_factory):
     from tiny_models import save_byte_tokenizer, save_tiny_hf_model
     from train_helpers import write_chat_jsonl
 
+    # matplotlib builds its font cache with `fc-list` on first import: local, but a subprocess the guard would refuse
+    pytest.importorskip("matplotlib.pyplot")
     root = tmp_path_factory.mktemp("offline")
     model = root / "model"
     save_tiny_hf_model(model, "llama_tied", seed=0, max_position_embeddings=512)
