@@ -71,14 +71,21 @@ def test_training_mode_dropout_equals_peft(input_ids, variant):
     base, ours, config, paths = _adapted(variant, dropout=0.3)
     twin = peft_twin(base, config, paths)
     copy_adapters_into_peft(ours, twin)
-    ours.train(), twin.train()
-    torch.manual_seed(3)
-    logits = ours(input_ids).logits
-    torch.manual_seed(3)
-    reference = twin(input_ids).logits
-    torch.testing.assert_close(logits, reference)
+    twin64 = copy.deepcopy(twin).double()
+    ours.train(), twin.train(), twin64.train()
+    logits, reference, exact = [_seeded(model, input_ids, seed=3) for model in (ours, twin, twin64)]
+    # Same masks, different but equally valid fp32 rounding (the fused kernel folds 1/(1-p) and the scale into the
+    # N x r term): the two can differ by the sum of their rounding errors, so each is held to PEFT's own fp32 error.
+    peft_error = (reference.double() - exact).abs().max().item()
+    assert (logits.double() - exact).abs().max().item() <= 3 * max(peft_error, 1e-6)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=5e-5)
     ours.eval()
     assert (ours(input_ids).logits - logits).abs().max() > 1e-3  # dropout really applied in training
+
+
+def _seeded(model, input_ids, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return model(input_ids).logits
 
 
 def test_rslora_scales_by_alpha_over_sqrt_r(input_ids):
