@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -143,6 +144,14 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, choose: Callabl
 
 def greedy(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
+
+
+def length_chunks(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts to decode together: sorted by length (similar lengths pad little), cut into
+    chunks of at most ``batch_size``, as even as possible (50 by 16: 13+13+12+12)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    size = math.ceil(len(order) / max(1, math.ceil(len(order) / batch_size)))
+    return [order[start:start + size] for start in range(0, len(order), size)]
 
 
 def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_token_id: int) -> list[list[int]]:
