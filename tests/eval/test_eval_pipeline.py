@@ -102,6 +102,16 @@ def test_a_shared_prefix_is_not_used_with_a_sliding_window(tiny, tiny_model_dir,
     assert greedy_batch(loaded.model, prompts, 6, (), 0) == [_alone(loaded.model, p, 6, ()) for p in prompts]
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_inference_runs_in_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native):
+    from homebake import device
+    from homebake.sources import inference_placement
+
+    monkeypatch.setattr(device, "has_fast_bf16", lambda _device="cpu": native)
+    assert inference_placement("cpu") == (torch.device("cpu"), torch.bfloat16 if native else torch.float32)
+    assert inference_placement("cpu", "fp32")[1] == torch.float32  # an explicit --dtype wins
+
+
 def test_evaluate_answers_are_each_prompt_decoded_alone(tiny, extract_dir):
     from homebake.evaluate import answered_examples, prompt_ids
 
