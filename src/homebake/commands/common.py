@@ -12,8 +12,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "aut
                         help=f"HF folder, .gguf file, hub id, or {DEFAULT_MODEL_NAME} (the default)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default=dtype_default,
-                        help="auto (bf16 where the device computes it natively: GPUs, MPS, CPUs with "
-                             "AVX512-BF16 or AMX; else fp32), fp32, bf16 or fp16")
+                        help="auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16")
 
 
 def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
