@@ -177,7 +177,7 @@ def eval_workload(threads: int, adapter: str | None, batch: int, examples: int |
     print_table(rows, ["side", "answers", "s", "tokens", "tokens/s", "answers/s"])
     best = max((p for p in peers.values() if p["n"] == len(spec["prompts"])) or peers.values(),
                key=lambda p: p["tokens"] / p["gen_s"])
-    # the answers as tokens/s and answers/s of the peer's best dtype measured on every prompt
+    # the peer's best: its fastest dtype among those that answered every prompt
     speed = (hb["tokens"] / hb["gen_s"]) / (best["tokens"] / best["gen_s"])
     answer_speed = (hb["n"] / hb["gen_s"]) / (best["n"] / best["gen_s"])
     same = sum(a == b for a, b in zip(hb["answers"], best["answers"]))
