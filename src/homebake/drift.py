@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from .errors import DataError
-from .generate import greedy_batch
+from .generate import greedy_batch, length_chunks
 from .metrics import answer_kept, drift_level, drift_thresholds
 
 DRIFT_FILE = Path(__file__).resolve().parent / "data_files" / "drift.jsonl"
@@ -155,10 +155,8 @@ def _prompt_ids(tokenizer, instruction: Instruction) -> list[int]:
 
 
 def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad little
     answers: list[list[int]] = [[] for _ in prompts]
-    for begin in range(0, len(order), batch_size):
-        chunk = order[begin:begin + batch_size]
+    for chunk in length_chunks([len(p) for p in prompts], batch_size):
         for index, ids in zip(chunk, greedy_batch(model, [prompts[i] for i in chunk], max_new_tokens,
                                                   tokenizer.end_token_ids, tokenizer.pad_token_id)):
             answers[index] = ids

@@ -35,7 +35,7 @@ import torch
 from .baselines import DEFAULT_SEED, DEFAULT_SHOTS, ShotSet
 from .drift import DRIFT_MAX_NEW_TOKENS
 from .errors import ConfigError, DataError
-from .generate import greedy_batch
+from .generate import greedy_batch, length_chunks
 from .metrics import (WORSE, ExampleScore, TaskScores, aggregate, loss_verdict, paired_counts, prompting_verdict,
                       score_example, task_verdict, verdict_from_pairs)
 
@@ -237,12 +237,9 @@ def greedy_answers(model, tokenizer, examples: list[EvalExample], max_new_tokens
         if too_long:
             raise DataError(f"the prompt and answer do not fit the model's context of {context} tokens",
                             where=too_long[0], fix="shorten the example or lower --max-new-tokens")
-    order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))  # similar lengths pad little
-    size = math.ceil(len(order) / max(1, math.ceil(len(order) / batch_size)))  # 50 by 16: 13+13+12+12
     answers: list[Answer] = [Answer("", 0, 0, False)] * len(examples)
     done = 0
-    for start in range(0, len(order), size):
-        chunk = order[start:start + size]
+    for chunk in length_chunks([len(ids) for ids in encoded], batch_size):
         generated = greedy_batch(model, [encoded[i] for i in chunk], max_new_tokens, tokenizer.end_token_ids,
                                  tokenizer.pad_token_id)
         for index, ids in zip(chunk, generated):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -47,48 +48,94 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+# A common prompt prefix (e.g. the system prompt every held-out example shares) at least this long is computed
+# once and its keys/values copied into every row; shorter ones are not worth the copy.
+SHARED_PREFIX_MIN = 8
+
+
+def shared_prefix(model, prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares and :func:`decode` computes once (0: none).
+
+    At least one token of each prompt is left to compute (its last hidden state gives the first answer token).
+    Rows of different lengths then carry padding between the prefix and their own tokens; a sliding window
+    counts cache slots, not positions, so windowed models keep the plain left padding.
+    """
+    if len(prompts) < 2:
+        return 0
+    first, length = prompts[0], min(len(p) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        same = 0
+        while same < length and prompt[same] == first[same]:
+            same += 1
+        length = same
+    args = model.args
+    if length < SHARED_PREFIX_MIN or any(args.layer_window(i) for i in range(args.num_hidden_layers)):
+        return 0
+    return length
+
+
 @torch.inference_mode()
 def decode(model, prompts: list[list[int]], max_new_tokens: int, choose: Callable[[torch.Tensor], list[int]], *,
            stop_ids: Iterable[int] = (), pad_token_id: int = 0) -> Iterator[list[int | None]]:
     """The decode loop: every prompt continued one token per step, all in one KV cache.
 
     ``choose`` maps the (rows, vocab) logits of a step to one token id per row (greedy or sampled). Yields per
-    step the new token of each row — ``None`` for a row that already stopped (a stop id ends its row and is not
-    yielded) — until every row stopped or ``max_new_tokens`` steps were taken. Prompts of different lengths
-    are left-padded; padding is hidden from attention (``key_mask``) and positions count real tokens only, so
-    each row computes what it would alone. Decoding one token reads every weight once whatever the batch, so a
-    batch of prompts costs about what one does on a CPU.
+    step the new token of each prompt — ``None`` for a prompt that already stopped (a stop id ends its row and
+    is not yielded) — until every row stopped or ``max_new_tokens`` steps were taken. Prompts of different
+    lengths are padded; padding is hidden from attention (``key_mask``) and positions count real tokens only,
+    so each row computes what it would alone. Work is not repeated: a prefix all prompts share is computed
+    once (:func:`shared_prefix`), and a row that stops leaves the batch (its cache rows are dropped), so later
+    steps compute only the rows still answering.
     """
     stop = set(stop_ids)
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     rows = len(prompts)
+    shared = shared_prefix(model, prompts)
     ragged = any(len(p) != width for p in prompts)
+    # Layout per row: [shared prefix][padding][the rest of the prompt][answer]; without a shared prefix this
+    # is plain left padding.
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
     key_mask = torch.zeros((rows, width + max_new_tokens), dtype=torch.bool)
     for r, prompt in enumerate(prompts):
-        input_ids[r, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        key_mask[r, width - len(prompt):width] = True
+        begin = width - (len(prompt) - shared)
+        input_ids[r, :shared] = torch.tensor(prompt[:shared], dtype=torch.long)
+        input_ids[r, begin:] = torch.tensor(prompt[shared:], dtype=torch.long)
+        key_mask[r, :shared] = True
+        key_mask[r, begin:width] = True
     positions = (key_mask[:, :width].long().cumsum(1) - 1).clamp(min=0)
     input_ids, key_mask, positions = input_ids.to(device), key_mask.to(device), positions.to(device)
     cache = model.new_kv_cache(rows, width + max_new_tokens)
+    if shared:
+        # one row of the prefix, broadcast into every row (same capacity: length-dependent RoPE picks its table
+        # by the cache's size)
+        prefix = model.new_kv_cache(1, width + max_new_tokens)
+        model(input_ids[:1, :shared], position_ids=positions[:1, :shared], kv_cache=prefix)
+        cache.copy_prefix(prefix)
+        del prefix
     # Without padding the plain causal path is exact (and the fastest kernel).
-    hidden = model(input_ids, position_ids=positions, kv_cache=cache,
+    hidden = model(input_ids[:, shared:], position_ids=positions[:, shared:], kv_cache=cache,
                    key_mask=key_mask[:, :width] if ragged else None)
     next_position = positions[:, -1:] + 1
-    done = [False] * rows
+    alive = list(range(rows))  # the prompt each batch row answers
     for step in range(max_new_tokens):
         tokens = choose(model.logits(hidden[:, -1]))
-        new: list[int | None] = []
-        for r, token in enumerate(tokens):
-            if not done[r] and token in stop:
-                done[r] = True
-            new.append(None if done[r] else token)
-        if all(done):
+        new: list[int | None] = [None] * rows
+        keep = []
+        for b, (r, token) in enumerate(zip(alive, tokens)):
+            if token not in stop:
+                new[r] = token
+                keep.append(b)
+        if not keep:
             return
         yield new
         if step == max_new_tokens - 1:
             return
+        if len(keep) < len(alive):  # finished rows leave the batch: later steps do not compute them
+            index = torch.tensor(keep, device=device)
+            cache.select(index)
+            key_mask, next_position = key_mask.index_select(0, index), next_position.index_select(0, index)
+            alive, tokens = [alive[b] for b in keep], [tokens[b] for b in keep]
         key_mask[:, width + step] = True
         hidden = model(torch.tensor(tokens, device=device)[:, None], position_ids=next_position, kv_cache=cache,
                        key_mask=key_mask[:, :width + step + 1] if ragged else None)
@@ -97,6 +144,14 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, choose: Callabl
 
 def greedy(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
+
+
+def length_chunks(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts to decode together: sorted by length (similar lengths pad little), cut into
+    chunks of at most ``batch_size``, as even as possible (50 by 16: 13+13+12+12)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    size = math.ceil(len(order) / max(1, math.ceil(len(order) / batch_size)))
+    return [order[start:start + size] for start in range(0, len(order), size)]
 
 
 def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_token_id: int) -> list[list[int]]:

@@ -46,6 +46,85 @@ def test_batched_greedy_stops_each_row_at_its_own_end_token(tiny):
     assert stopped[1] == expected_second
 
 
+def _alone(model, prompt, steps, stop):
+    return list(generate_ids(model, prompt, SamplingConfig(temperature=0, max_new_tokens=steps), stop_ids=stop))
+
+
+def _batch_sizes(model):
+    """Record the batch size of every forward pass (to see finished rows leave the batch)."""
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(args[0].shape[0]),
+                                             with_kwargs=True)
+    return sizes, handle
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["left-padded", "shared-prefix"])
+def test_rows_that_stop_leave_the_batch_with_the_tokens_of_each_prompt_alone(tiny, shared):
+    tokenizer = tiny.tokenizer
+    head = tokenizer.encode_chat([{"role": "system", "content": "answer in one word"}, {"role": "user", "content": ""}],
+                                 add_generation_prompt=False)[:12] if shared else []
+    prompts = [head + tokenizer.encode(text) for text in ("hi", "a much longer prompt than the others", "3+4", "xy z")]
+    assert len({len(p) for p in prompts}) == 4
+    from homebake.generate import shared_prefix
+
+    assert (shared_prefix(tiny.model, prompts) >= 8) == shared
+    steps = 10
+    free = [_alone(tiny.model, p, steps, ()) for p in prompts]
+    # the stop ids (one or two of the tokens generated) that end the rows at the most different steps
+    candidates = sorted({t for row in free for t in row})
+    stop = max(({a, b} for a in candidates for b in candidates),
+               key=lambda ids: len({next((i for i, t in enumerate(row) if t in ids), steps) for row in free}))
+    alone = [_alone(tiny.model, p, steps, stop) for p in prompts]
+    assert len({len(a) for a in alone}) >= 3 and min(len(a) for a in alone) < steps
+    sizes, handle = _batch_sizes(tiny.model)
+    try:
+        batched = greedy_batch(tiny.model, prompts, steps, stop_ids=stop, pad_token_id=tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    assert batched == alone
+    decode_sizes = sizes[2:] if shared else sizes[1:]  # after the prefix and prompt passes
+    assert decode_sizes == sorted(decode_sizes, reverse=True) and decode_sizes[-1] < len(prompts)
+
+
+def test_a_shared_prefix_is_not_used_with_a_sliding_window(tiny, tiny_model_dir, tmp_path):
+    import shutil
+
+    from tiny_models import save_tiny_hf_model
+
+    from homebake.generate import shared_prefix
+
+    save_tiny_hf_model(tmp_path, "mistral_window", vocab_size=tiny.args.vocab_size)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    loaded = load_model(str(tmp_path))
+    prompts = [list(range(3, 15)) + [20, 21], list(range(3, 15)) + [30]]
+    assert shared_prefix(loaded.model, prompts) == 0
+    assert greedy_batch(loaded.model, prompts, 6, (), 0) == [_alone(loaded.model, p, 6, ()) for p in prompts]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_inference_on_the_cpu_stays_fp32_even_with_native_bf16(monkeypatch, native):
+    from homebake import device
+    from homebake.sources import inference_placement
+
+    # bf16 changed greedy answers on the demo's held-out set (docs/eval.md): eval scores the fp32 weights
+    monkeypatch.setattr(device, "has_fast_bf16", lambda _device="cpu": native)
+    assert inference_placement("cpu") == (torch.device("cpu"), torch.float32)
+    assert inference_placement("cpu", "bf16")[1] == torch.bfloat16  # an explicit --dtype wins
+
+
+def test_evaluate_answers_are_each_prompt_decoded_alone(tiny, extract_dir):
+    from homebake.evaluate import answered_examples, prompt_ids
+
+    options = EvalOptions(max_new_tokens=12, generation_batch=4)
+    data = load_eval_data(str(extract_dir / "test.jsonl"), tiny.tokenizer, options)
+    result = evaluate_model(tiny.model, tiny.tokenizer, data, options)
+    stop = tiny.tokenizer.end_token_ids
+    expected = [tiny.tokenizer.decode(_alone(tiny.model, prompt_ids(tiny.tokenizer, e), 12, stop),
+                                      skip_special_tokens=True).strip() for e in answered_examples(data, options)]
+    assert [s["output"] for s in result.samples] == expected
+
+
 def test_dataset_loss_equals_training_validation_loss(tiny, extract_dir):
     from homebake.train.data_stream import evaluation_batches
     from homebake.train.step import StepRunner

@@ -56,6 +56,17 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (in that order): finished rows leave a batched generation."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
+    def copy_prefix(self, other: "KVCache") -> None:
+        """Fill every row with ``other``'s filled part (one row: a prompt prefix all rows share)."""
+        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
+            mine[:, :, :other.length] = theirs[:, :, :other.length]
+        self.length = other.length
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
