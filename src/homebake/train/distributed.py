@@ -323,7 +323,7 @@ def step_runner(world: World, model_setup, compute_dtype: torch.dtype, chunk_row
             # frozen weights are loaded identically everywhere: init_sync=False skips broadcasting them
             wrapped = DistributedDataParallel(
                 model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                broadcast_buffers=False, init_sync=False)
+                forward_sync_buffers=False, init_sync=False)
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -384,15 +384,14 @@ def launch(nproc: int, argv: list[str], out: str) -> int:
     ``homebake``, without --nproc-per-node. Returns the exit code; a rank that fails is named in one line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args, get_args_parser
+    from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores (torchrun's default, unwarned)
+    # exactly `torchrun --standalone --nproc-per-node N -m homebake ARGV`, in this process
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "homebake",
                                          *argv])
-    launch_config, command, command_args = config_from_args(args)
     try:
-        elastic_launch(launch_config, command)(*command_args)
+        run(args)
     except ChildFailedError as failed:
         return _report_failure(failed, out, nproc)
     except SignalException as stopped:  # SIGTERM/SIGINT to the launcher: torchrun passed it to every rank
