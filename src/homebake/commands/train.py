@@ -41,7 +41,7 @@ def run(args) -> int:
             error.silent = True  # every rank read the same command line: rank 0 says it
         raise
     if nproc is not None and nproc > 1:
-        return launch(nproc, _without_nproc(args.argv), config.out)
+        return launch(nproc, _without_nproc(args.argv), config)
     result = train(config)  # Ctrl-C / SIGTERM: checkpoint and a clean exit (see StopRequest)
     if not result.is_main:  # rank 0 reports for the whole job
         return 130 if result.stopped == "interrupted" else 0

@@ -202,13 +202,13 @@ def init_world(config) -> World:
         return World(device=pick_device(config.device))
     rank, world_size, local_rank = (int(os.environ[name]) for name in TORCHRUN_ENV)
     device = pick_device(config.device)
-    if device.type == "mps":
-        raise ConfigError("several processes cannot share an Apple GPU (torch.distributed has no MPS backend)",
-                          where="--device", fix="train in one process (drop --nproc-per-node), or use --device cpu")
+    try:
+        check_ranks(config, device, local_rank + 1)
+    except ConfigError as error:
+        if rank:
+            error.silent = True  # the same on every rank: rank 0 says it
+        raise
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}",
-                              where="--nproc-per-node", fix="start at most one process per GPU")
         device = torch.device("cuda", local_rank)  # one GPU per rank, whatever cuda:N said
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -221,17 +221,26 @@ def init_world(config) -> World:
     return World(rank, world_size, local_rank, device, backend)
 
 
+def check_ranks(config, device: torch.device, processes: int) -> None:
+    """What several processes on ``device`` cannot do, as one-line errors (the launcher checks before starting
+    them; each rank again under a plain torchrun)."""
+    if device.type == "mps":
+        raise ConfigError("several processes cannot share an Apple GPU (torch.distributed has no MPS backend)",
+                          where="--device", fix="train in one process (drop --nproc-per-node), or use --device cpu")
+    if device.type == "cuda" and processes > torch.cuda.device_count():
+        raise ConfigError(f"{processes} processes per machine, but it has {torch.cuda.device_count()} GPU(s)",
+                          where="--nproc-per-node", fix="start at most one process per GPU")
+    if config.fsdp and config.method != "full" and device.type != "cuda":
+        raise ConfigError("--fsdp with adapters needs CUDA GPUs: sharding the frozen base over CPU processes "
+                          "saves nothing worth the traffic", where="--fsdp",
+                          fix="drop --fsdp (adapters train with DDP), or train on GPUs")
+
+
 def strategy_for(config, world: World) -> str | None:
     """None (one process), "ddp" (adapters) or "fsdp" (full fine-tuning, or --fsdp)."""
     if not world.distributed:
         return None
-    if config.method == "full" or config.fsdp:
-        if config.method != "full" and world.device.type != "cuda":
-            raise ConfigError("--fsdp with adapters needs CUDA GPUs: sharding a frozen base over CPU processes "
-                              "gains nothing", where="--fsdp",
-                              fix="drop --fsdp (adapters train with DDP), or train on GPUs")
-        return "fsdp"
-    return "ddp"
+    return "fsdp" if config.method == "full" or config.fsdp else "ddp"
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -378,14 +387,17 @@ class ShardedState:
                                                                              cpu_offload=True))
 
 
-def launch(nproc: int, argv: list[str], out: str) -> int:
+def launch(nproc: int, argv: list[str], config) -> int:
     """``homebake train ... --nproc-per-node N``: the same command in N processes on this machine, started by
     ``torch.distributed.run`` (torchrun's own launcher and rendezvous). ``argv``: the command line after
-    ``homebake``, without --nproc-per-node. Returns the exit code; a rank that fails is named in one line."""
+    ``homebake``, without --nproc-per-node; ``config`` its resolved ``TrainConfig``. Returns the exit code; a rank
+    that fails is named in one line."""
+    out = config.out
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    check_ranks(config, pick_device(config.device), nproc)  # refuse before starting anything
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores (torchrun's default, unwarned)
     # exactly `torchrun --standalone --nproc-per-node N -m homebake ARGV`, in this process
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "homebake",
@@ -406,14 +418,14 @@ def _report_failure(failed, out: str, nproc: int) -> int:
     codes = {failure.exitcode for failure in failures.values()}
     if codes == {130}:  # every rank stopped on a signal after saving a checkpoint (StopRequest)
         return 130
-    first = failed.get_first_failure()[1]
+    rank, first = failed.get_first_failure()  # failures are keyed by global rank
     if first.exitcode < 0:
         how = f"was killed by {signal.Signals(-first.exitcode).name}"
     else:
         how = f"exited with code {first.exitcode}"
     if first.exitcode in (2, 3):  # a HomebakeError: rank 0 printed what to do
         return first.exitcode
-    print(f"homebake: error: rank {first.rank} (pid {first.pid}) {how}; torchrun stopped the other ranks — "
+    print(f"homebake: error: rank {rank} (pid {first.pid}) {how}; torchrun stopped the other ranks — "
           f"continue from the last checkpoint with `homebake train --out {out} --resume --nproc-per-node {nproc}`",
           file=sys.stderr)
     return first.exitcode if first.exitcode > 0 else 1
