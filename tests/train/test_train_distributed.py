@@ -211,6 +211,18 @@ def test_a_dying_rank_ends_the_job_with_one_clear_line(tiny_model_dir, tiny_data
     assert "Traceback" not in stderr
 
 
+def test_sigterm_to_the_job_finishes_the_step_on_every_rank_and_checkpoints(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    job = start(homebake_cmd(*run_args(tiny_model_dir, tiny_data, out, rows=2, steps=400), "--nproc-per-node", 2))
+    wait_for_checkpoint(job, out, 3)
+    job.send_signal(signal.SIGTERM)  # to the launcher, which passes it to every rank
+    code, stdout, stderr = finish(job, timeout=90)
+    assert code == 130 and "Traceback" not in stderr, stderr[-3000:]
+    stopped_at = int(stdout.split("interrupted at step ")[1].split(",")[0])
+    assert max(step for step, _ in list_checkpoints(out)) == stopped_at  # both ranks stopped at that step
+    assert max(per_step(out)) == stopped_at and stderr.count("stopping after this step") == 1
+
+
 @pytest.mark.parametrize("args, flag", [
     (["--nproc-per-node", "0"], "--nproc-per-node"),
     (["--nproc-per-node", "2", "--fsdp"], "--fsdp"),  # FSDP2 of adapters on CPU processes
