@@ -26,12 +26,15 @@ STEPS = 12
 SRC = str(Path(homebake.__file__).resolve().parents[1])  # the package under test, for every rank
 
 
-def run_args(model_dir, data, out, *, rows, steps=STEPS, method="lora"):
+def run_args(model_dir, data, out, *, rows, steps=STEPS, method="lora", validation="0.2"):
+    """A tiny run. 48 examples, validation 0.2: 13 training rows, so the last micro-batch of each epoch (steps
+    4, 8, 12 of 4 rows each) has 1 row and rank 1 runs a filler; validation 0.05: 1 validation row (an
+    evaluation filler on rank 1)."""
     return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--precision", "fp32",
             "--device", "cpu", "--max-steps", str(steps), "--save-every", "3", "--eval-every", "6",
             "--batch-size", str(rows), "--max-seq-len", "160", "--lora-r", "4", "--lora-dropout", "0",
             "--learning-rate", "3e-3" if method == "lora" else "1e-3", "--method", method, "--no-progress",
-            "--validation-fraction", "0.1"]
+            "--validation-fraction", validation]
 
 
 def env():
@@ -166,9 +169,10 @@ def test_two_nodes_equal_one_process(two_nodes_lora, one_process_lora):
 def test_fsdp2_full_fine_tune_equals_one_process(tiny_model_dir, tiny_data, tmp_path):
     steps = 4
     single, sharded = tmp_path / "one", tmp_path / "fsdp"
-    assert homebake_main(run_args(tiny_model_dir, tiny_data, single, rows=4, steps=steps, method="full")) == 0
+    options = dict(steps=steps, method="full", validation="0.05")
+    assert homebake_main(run_args(tiny_model_dir, tiny_data, single, rows=4, **options)) == 0
     code, stdout, stderr = finish(start(homebake_cmd(
-        *run_args(tiny_model_dir, tiny_data, sharded, rows=2, steps=steps, method="full"), "--nproc-per-node", 2)))
+        *run_args(tiny_model_dir, tiny_data, sharded, rows=2, **options), "--nproc-per-node", 2)))
     assert code == 0, stderr[-3000:]
     assert "2 ranks (gloo), FSDP" in stderr and f"completed at step {steps}" in stdout
     assert_close_losses(sharded, single)

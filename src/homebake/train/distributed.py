@@ -257,10 +257,9 @@ class DistributedStepRunner(StepRunner):
     give the gradient of one process × N·B rows. A rank whose share of a micro-batch is empty runs a filler
     row weighted 0, so every rank takes part in every collective."""
 
-    def __init__(self, model, inner, compute_dtype, device, chunk_rows, *, world: World, strategy: str,
-                 objective=None):
-        super().__init__(model, inner.head_weight if strategy == "ddp" else None, compute_dtype, device,
-                         chunk_rows, objective=objective)
+    def __init__(self, model, inner, head_weight, compute_dtype, device, chunk_rows, *, world: World,
+                 strategy: str, objective=None):
+        super().__init__(model, head_weight, compute_dtype, device, chunk_rows, objective=objective)
         self.inner = inner  # the CausalLM itself (DDP wraps it; FSDP2 shards it in place)
         self.world = world
         self.strategy = strategy
@@ -348,8 +347,8 @@ def step_runner(world: World, model_setup, compute_dtype: torch.dtype, chunk_row
             fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
         wrapped = model
         model_setup.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    return DistributedStepRunner(wrapped, model, compute_dtype, world.device, chunk_rows, world=world,
-                                 strategy=strategy, objective=objective)
+    return DistributedStepRunner(wrapped, model, model_setup.head_weight, compute_dtype, world.device, chunk_rows,
+                                 world=world, strategy=strategy, objective=objective)
 
 
 class ShardedState:
@@ -367,7 +366,7 @@ class ShardedState:
         with collective("writing the checkpoint's shards"):
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
 
-    def load(self, folder: Path, *, optimizer: bool = True) -> None:
+    def load(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -376,7 +375,7 @@ class ShardedState:
         with collective("reading the checkpoint's shards"):
             dcp.load(state, checkpoint_id=str(folder))
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"] if optimizer else optim_state)
+                           optim_state_dict=state["optim"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on rank 0's CPU (empty elsewhere); every rank must call it."""
