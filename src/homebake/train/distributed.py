@@ -261,6 +261,8 @@ class DistributedStepRunner(StepRunner):
                  strategy: str, objective=None):
         super().__init__(model, head_weight, compute_dtype, device, chunk_rows, objective=objective)
         self.inner = inner  # the CausalLM itself (DDP wraps it; FSDP2 shards it in place)
+        if head_weight is None:  # a head that is not a plain matrix: the model's own logits (not DDP's)
+            self._head = inner.logits
         self.world = world
         self.strategy = strategy
         self.loss_scale = float(world.world_size)
