@@ -236,3 +236,52 @@ def test_bad_distributed_settings_are_one_line_errors(tiny_model_dir, tiny_data,
     stderr = capsys.readouterr().err
     assert code == 2 and stderr.count("homebake: error:") == 1 and flag in stderr, stderr
     assert not (tmp_path / "run").exists()  # refused before anything started
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank, in this process: DDP and FSDP2 wrap and communicate as usual."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant", ["llama_tied", "gemma2"])  # gemma2: a head that is not a matrix (soft-capping)
+@pytest.mark.parametrize("strategy, method", [("ddp", "lora"), ("fsdp", "full")])
+def test_wrapped_step_equals_the_plain_step(one_rank_group, tiny_data, tmp_path, variant, strategy, method):
+    import torch
+    from train_helpers import make_tiny_model_dir, tiny_config
+
+    from homebake.train.data_stream import evaluation_batches
+    from homebake.train.distributed import World, step_runner
+    from homebake.train.setup import build_model, load_examples, seed_everything
+    from homebake.train.step import _accumulate
+
+    config = tiny_config(make_tiny_model_dir(tmp_path / variant, variant), tiny_data, tmp_path / "run",
+                         method=method, lora={"dropout": 0.0})
+    results = []
+    for wrapped in (None, strategy):
+        seed_everything(0)
+        model = build_model(config, torch.device("cpu"), torch.float32)
+        examples, _, _ = load_examples(config, model.loaded.tokenizer)
+        batch = evaluation_batches(examples, batch_size=4, max_seq_len=160, pad_token_id=0, packing=True)[0]
+        runner = step_runner(World(backend="gloo"), model, torch.float32, 16, strategy=wrapped)
+        micro = [batch]
+        if wrapped:  # a rank with an empty share runs a filler: weighted 0, counted nowhere
+            filler = evaluation_batches(examples[:3], batch_size=1, max_seq_len=160, pad_token_id=0,
+                                        packing=True)[0]
+            filler.filler = True
+            micro.append(filler)
+        params = list(model.trainable.values())
+        loss, norm, trained, real = _accumulate(runner, micro, params, max_grad_norm=1.0)
+        grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for name, p in model.trainable.items()}
+        results.append((loss, norm, trained, real, grads, runner.evaluate([batch])))
+    (loss, norm, trained, real, grads, val), theirs = results
+    assert (trained, real) == theirs[2:4]
+    assert loss == pytest.approx(theirs[0], abs=1e-6) and norm == pytest.approx(theirs[1], rel=1e-5)
+    assert val == pytest.approx(theirs[5], abs=1e-6)
+    for name in grads:
+        assert torch.allclose(grads[name], theirs[4][name], atol=1e-6, rtol=1e-5), name

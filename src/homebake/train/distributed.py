@@ -259,10 +259,10 @@ class DistributedStepRunner(StepRunner):
 
     def __init__(self, model, inner, head_weight, compute_dtype, device, chunk_rows, *, world: World,
                  strategy: str, objective=None):
-        super().__init__(model, head_weight, compute_dtype, device, chunk_rows, objective=objective)
+        # the head comes from the CausalLM itself (DDP's wrapper has no ``logits``); forwards go through ``model``
+        super().__init__(inner, head_weight, compute_dtype, device, chunk_rows, objective=objective)
+        self.model = model
         self.inner = inner  # the CausalLM itself (DDP wraps it; FSDP2 shards it in place)
-        if head_weight is None:  # a head that is not a plain matrix: the model's own logits (not DDP's)
-            self._head = inner.logits
         self.world = world
         self.strategy = strategy
         self.loss_scale = float(world.world_size)
