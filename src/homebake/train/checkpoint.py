@@ -188,11 +188,12 @@ def load_checkpoint(
         )
     if state.world_size != world.world_size or (sharded is not None) != (path / SHARDED_DIR).is_dir():
         layout = "FSDP2 shards" if (path / SHARDED_DIR).is_dir() else "whole weights"
-        raise ConfigError(
+        raise world.quiet(ConfigError(  # every rank finds it: rank 0 says it
             f"the checkpoint was written by {state.world_size} rank(s) ({layout}); this run has "
             f"{world.world_size}{' with FSDP2' if sharded is not None else ''}", where=str(path),
-            fix=f"resume with the same number of ranks (--nproc-per-node {state.world_size}, or torchrun's) "
-                "and the same --fsdp setting")
+            fix=("resume in one process (without --nproc-per-node or torchrun)" if state.world_size == 1 else
+                 f"resume with the same number of ranks (--nproc-per-node {state.world_size}, or torchrun's)")
+            + " and the same --fsdp setting"))
     if sharded is not None:
         sharded.load(path / SHARDED_DIR)
     else:
