@@ -47,7 +47,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata=_help("data pipeline settings"))
     lora: LoraConfig = field(default_factory=LoraConfig, metadata=_help("LoRA/DoRA/QLoRA adapter settings"))
 
-    batch_size: int = field(default=8, metadata=_help("rows (packed sequences) per micro-batch"))
+    batch_size: int = field(default=8, metadata=_help(
+        "rows (packed sequences) per micro-batch; with several ranks, per rank (the global batch is N times it)"))
     grad_accum: int = field(default=1, metadata=_help(
         "micro-batches per optimizer step; the loss is normalised by the trained tokens of all of them"))
     learning_rate: float | None = field(default=None, metadata=_help(
