@@ -25,7 +25,8 @@ LAYERS = [
     ["evaluate", "export", "report"],
     ["demo"],
     ["commands"],
-    ["cli", "__main__"],
+    ["cli"],
+    ["__main__"],  # `python -m homebake` (torchrun -m homebake train): the CLI, one layer above it
 ]
 LAYER_OF = {unit: index for index, units in enumerate(LAYERS) for unit in units}
 

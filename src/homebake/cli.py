@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line itself, for a command that starts itself again (train --nproc-per-node)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except HomebakeError as error:
         if args.debug:
             raise
-        print(f"homebake: error: {error}", file=sys.stderr)
+        if not getattr(error, "silent", False):  # several ranks: an error they all share, said once by rank 0
+            print(f"homebake: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("homebake: interrupted", file=sys.stderr)

@@ -264,7 +264,7 @@ def test_accumulation_over_pairs_equals_one_big_batch(lora_setup):
     for batches in (micro, whole):
         for objective in (DPO(0.1), ORPO(0.1)):
             model.zero_grad(set_to_none=True)
-            loss, _, _ = _accumulate(runner_for(model, objective), batches, params, max_grad_norm=0)
+            loss, _, _, _ = _accumulate(runner_for(model, objective), batches, params, max_grad_norm=0)
             results.append((loss, [p.grad.clone() for p in params], objective.take_stats()))
     for a, b in ((results[0], results[2]), (results[1], results[3])):
         assert a[0] == pytest.approx(b[0], abs=1e-6)

@@ -12,6 +12,12 @@ Layout of ``<out>/checkpoints/step-00000120/``:
 Each directory appears only once complete (``fsutil.atomic_dir``), so a crash at any moment leaves
 the previous checkpoints intact and never a half-written one that resume could pick up.
 
+Several ranks (``train.distributed``): rank 0 creates the temporary folder and writes everything, with every
+rank's RNG states (gathered; rank r's tensors under ``rankR.`` in ``rng.safetensors``, its plain states in
+``trainer_state.json``'s ``rank_rng``); under FSDP2 the weights and optimizer state are instead ``sharded/``
+in torch.distributed.checkpoint format, each rank writing its own shards. The folder is renamed into place
+once every rank has written, and every rank waits for that before training on.
+
 ``Checkpointer`` is the run's one owner of its checkpoints: it decides with a ``CheckpointPolicy``
 when to save, writes the trainable weights, optimizer, RNGs and data position (plus the PEFT-format
 ``adapter/`` copy), prunes to the last K and the best, remembers the step it last saved, and loads
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -35,6 +42,7 @@ from ..errors import ConfigError, ExportError, WriteError
 from ..fsutil import atomic_dir, describe_os_error
 from ..run_folder import CHECKPOINT_STATE as STATE_FILE
 from ..run_folder import checkpoint_dir, latest_checkpoint, list_checkpoints
+from .distributed import SHARDED_DIR, SINGLE
 
 __all__ = ["Checkpointer", "TrainerState", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
            "save_checkpoint"]
@@ -60,6 +68,8 @@ class TrainerState:
     evals_without_improvement: int = 0
     param_names: list[str] = field(default_factory=list)
     rng: dict = field(default_factory=dict)
+    world_size: int = 1  # ranks that trained it (each has its RNG states and data share)
+    rank_rng: list = field(default_factory=list)  # plain RNG states of ranks 1..N-1
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainerState":
@@ -102,25 +112,40 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     *,
     extra_files=None,
+    world=SINGLE,
+    sharded=None,
 ) -> Path:
-    """Write ``out_dir/checkpoints/step-N`` atomically and return its path.
+    """Write ``out_dir/checkpoints/step-N`` atomically and return its path (every rank calls it).
 
     ``extra_files(tmp_dir)``, when given, writes more files into the checkpoint before it appears
-    (e.g. a PEFT-format adapter a user can load from an intermediate step).
+    (e.g. a PEFT-format adapter a user can load from an intermediate step). ``sharded``: an FSDP2 model's
+    ``distributed.ShardedState``, whose shards every rank writes.
     """
     target = checkpoint_dir(out_dir, state.step)
     rng_tensors, rng_plain = capture_rng()
-    state.rng = rng_plain
+    if world.distributed:
+        ranks = world.gather((rng_tensors, rng_plain))
+        if world.is_main:
+            for rank, (tensors, plain) in enumerate(ranks[1:], start=1):
+                rng_tensors.update({f"rank{rank}.{key}": value for key, value in tensors.items()})
+            state.rank_rng = [plain for _, plain in ranks[1:]]
+    state.rng, state.world_size = rng_plain, world.world_size
     try:
-        with atomic_dir(target, overwrite=True) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
-            if extra_files is not None:
-                extra_files(tmp)
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        with atomic_dir(target, overwrite=True) if world.is_main else nullcontext() as tmp:
+            if sharded is not None:
+                sharded.save(Path(world.broadcast(str(tmp) if world.is_main else None)) / SHARDED_DIR)
+            if world.is_main:
+                if sharded is None:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                              str(tmp / TRAINABLE_FILE))
+                    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+                save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
+                if extra_files is not None:
+                    extra_files(tmp)
+                (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     except (OSError, ExportError) as error:  # disk full, permissions (ExportError: the adapter copy's folder)
         raise _checkpoint_write_error(error, out_dir, state.step, target) from None
+    world.barrier("waiting for rank 0 to finish the checkpoint")
     return target
 
 
@@ -147,8 +172,11 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     *,
     restore_random: bool = True,
+    world=SINGLE,
+    sharded=None,
 ) -> TrainerState:
-    """Load a checkpoint into the trainable ``params`` (name -> parameter) and ``optimizer``."""
+    """Load a checkpoint into the trainable ``params`` (name -> parameter) and ``optimizer``; every rank
+    reads its own RNG states (and, under FSDP2 (``sharded``), its own shards)."""
     path = Path(path)
     state = load_trainer_state(path)
     if state.param_names and state.param_names != list(params):
@@ -158,13 +186,28 @@ def load_checkpoint(
             where=str(path),
             fix="resume with the same method, target modules and model as the original run (see its config.yaml)",
         )
-    weights = load_file(str(path / TRAINABLE_FILE))
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name].to(param.device, param.dtype))
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
+    if state.world_size != world.world_size or (sharded is not None) != (path / SHARDED_DIR).is_dir():
+        layout = "FSDP2 shards" if (path / SHARDED_DIR).is_dir() else "whole weights"
+        raise world.quiet(ConfigError(  # every rank finds it: rank 0 says it
+            f"the checkpoint was written by {state.world_size} rank(s) ({layout}); this run has "
+            f"{world.world_size}{' with FSDP2' if sharded is not None else ''}", where=str(path),
+            fix=("resume in one process (without --nproc-per-node or torchrun)" if state.world_size == 1 else
+                 f"resume with the same number of ranks (--nproc-per-node {state.world_size}, or torchrun's)")
+            + " and the same --fsdp setting"))
+    if sharded is not None:
+        sharded.load(path / SHARDED_DIR)
+    else:
+        weights = load_file(str(path / TRAINABLE_FILE))
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
     if restore_random:
-        restore_rng(load_file(str(path / RNG_FILE)), state.rng)
+        tensors = load_file(str(path / RNG_FILE))
+        if world.rank:
+            prefix = f"rank{world.rank}."
+            tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        restore_rng(tensors, state.rank_rng[world.rank - 1] if world.rank else state.rng)
     return state
 
 
@@ -200,8 +243,10 @@ class Checkpointer:
 
     def __init__(self, out_dir: str | Path, trainable: dict[str, torch.nn.Parameter],
                  optimizer: torch.optim.Optimizer, stream, policy, *,
-                 write_adapter: Callable[[Path], None] | None = None, last_saved: int = -1):
+                 write_adapter: Callable[[Path], None] | None = None, last_saved: int = -1, world=SINGLE,
+                 sharded=None):
         self.out = Path(out_dir)
+        self.world, self.sharded = world, sharded  # several ranks: see save_checkpoint
         self.trainable = trainable
         self.optimizer = optimizer
         self.stream = stream
@@ -213,8 +258,10 @@ class Checkpointer:
         """A checkpoint of ``state.step`` now; then prune to the last ``keep_last`` and the best."""
         state.epoch, state.batch_in_epoch = self.stream.epoch, self.stream.index
         extra = self._adapter_copy if self.write_adapter is not None else None
-        path = save_checkpoint(self.out, state, self.trainable, self.optimizer, extra_files=extra)
-        prune_checkpoints(self.out, self.policy.keep_last, state.best_step)
+        path = save_checkpoint(self.out, state, self.trainable, self.optimizer, extra_files=extra,
+                               world=self.world, sharded=self.sharded)
+        if self.world.is_main:
+            prune_checkpoints(self.out, self.policy.keep_last, state.best_step)
         self.last_saved = state.step
         return path
 
@@ -237,4 +284,4 @@ class Checkpointer:
     def restore(self, step: int) -> TrainerState:
         """Load checkpoint ``step`` into the parameters and optimizer (random states left as they are)."""
         return load_checkpoint(checkpoint_dir(self.out, step), self.trainable, self.optimizer,
-                               restore_random=False)
+                               restore_random=False, world=self.world, sharded=self.sharded)

@@ -47,7 +47,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata=_help("data pipeline settings"))
     lora: LoraConfig = field(default_factory=LoraConfig, metadata=_help("LoRA/DoRA/QLoRA adapter settings"))
 
-    batch_size: int = field(default=8, metadata=_help("rows (packed sequences) per micro-batch"))
+    batch_size: int = field(default=8, metadata=_help(
+        "rows (packed sequences) per micro-batch; with several ranks, per rank (the global batch is N times it)"))
     grad_accum: int = field(default=1, metadata=_help(
         "micro-batches per optimizer step; the loss is normalised by the trained tokens of all of them"))
     learning_rate: float | None = field(default=None, metadata=_help(
@@ -81,6 +82,11 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata=_help(
         "recompute each layer's activations in backward: less memory, ~30% slower"))
     seed: int = field(default=0, metadata=_help("seed for adapter initialisation and dropout"))
+    fsdp: bool = field(default=False, metadata=_help(
+        "several ranks (torchrun / --nproc-per-node): shard every weight over the ranks with FSDP2 (the default "
+        "for --method full); without it adapters train with DDP, each rank holding the whole frozen base"))
+    dist_timeout_minutes: float = field(default=10.0, metadata=_help(
+        "several ranks: a rank that waits this long for the others (one died or hangs) ends the job"))
 
     max_steps: int | None = field(default=None, metadata=_help("stop after this many optimizer steps"))
     epochs: float = field(default=1.0, metadata=_help("passes over the training data (fractions allowed)"))
@@ -133,6 +139,7 @@ class TrainConfig:
         check(0.0 <= self.warmup_ratio < 1.0 and 0.0 <= self.min_lr_ratio <= 1.0, "warmup_ratio",
               "warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]", "e.g. 0.03 and 0.1")
         check(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0", "e.g. 30")
+        check(self.dist_timeout_minutes > 0, "dist_timeout_minutes", "must be > 0", "e.g. 10")
         check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", "use 0 to disable clipping")
         check(self.objective in OBJECTIVES, "objective", f"unknown objective {self.objective!r}",
               f"use one of {', '.join(OBJECTIVES)}")

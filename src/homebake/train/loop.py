@@ -12,6 +12,11 @@ SIGTERM (``StopRequest``) stops after the current step; a second aborts at once.
 ``train(config) -> TrainResult`` is the one training entry point (``homebake train``, the demo):
 ``setup.setup_training`` -> ``outputs.print_header`` -> ``run_loop`` -> a last checkpoint if the run
 stopped between two -> the best checkpoint reloaded after early stopping -> ``outputs.write_final_outputs``.
+
+Several ranks (torchrun): every rank runs the same loop on its share of each step; counts and losses are
+summed over the ranks (``step._accumulate``), the ranks agree after each step whether any was asked to stop
+(and on the slowest clock, for --max-minutes), so all stop at the same step, and rank 0 alone prints, logs
+metrics, plots and writes the outputs. A failed collective (a rank died) ends the rank with ``RankLost``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from ..run_folder import latest_checkpoint
 from .checkpoint import Checkpointer, TrainerState
 from .config import TrainConfig
 from .data_stream import BatchStream
+from .distributed import SINGLE, World, collective
 from .metrics import MetricsLog, memory_stats, peak_rss_bytes, plot_losses
 from .outputs import adapter_writer, print_header, write_final_outputs
 from .plan import GIB
@@ -53,13 +60,14 @@ class TrainResult:
     best_step: int | None
     tokens_per_s: float
     peak_rss_gib: float
+    is_main: bool = True  # rank 0 (or the only process): the one that reports
 
 
 @dataclass
 class LoopOutcome:
     stopped: str  # completed | time_limit | early_stopping | interrupted
     last_loss: float | None  # the last step's training loss (None: no step ran)
-    tokens: int  # non-padding tokens this process trained on (a resumed run counts from its resume)
+    tokens: int  # non-padding tokens trained on, all ranks (a resumed run counts from its resume)
     seconds: float  # time spent in those steps
 
 
@@ -80,14 +88,32 @@ def _diverged(out: Path, step: int, loss: float, grad_norm: float) -> TrainingDi
             "then --resume or start again")
 
 
-def _evaluate(runner: StepRunner, batches, state: TrainerState, policy: EvalPolicy, metrics, bar) -> bool:
+def _silent(message: str, bar) -> None:
+    """``_log`` of the ranks other than 0: rank 0 says it once."""
+
+
+class _Unlogged:
+    """The metrics log of ranks other than 0 (rank 0 writes metrics.jsonl)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, record: dict) -> None:
+        pass
+
+
+def _evaluate(runner: StepRunner, batches, state: TrainerState, policy: EvalPolicy, metrics, bar,
+              log=_log) -> bool:
     """Validation loss at ``state.step``: recorded in ``state`` and metrics.jsonl, printed; returns improved."""
     val = runner.evaluate(batches)
     if val is None:
         return False
     improved = policy.record(state, val)
     metrics.write({"step": state.step, "val_loss": val, **_val_stats(runner)})
-    _log(f"step {state.step}: validation loss {val:.4f}{_accuracy_note(runner)}" + (" (best)" if improved else ""), bar)
+    log(f"step {state.step}: validation loss {val:.4f}{_accuracy_note(runner)}" + (" (best)" if improved else ""), bar)
     return improved
 
 
@@ -113,36 +139,36 @@ def _progress_bar(enabled: bool, total: int, initial: int):
 def run_loop(runner: StepRunner, optimizer, stream: BatchStream, eval_batches: list, schedule: LRSchedule,
              state: TrainerState, metrics: MetricsLog, *, params: list, grad_accum: int, max_grad_norm: float,
              log_every: int, evaluation: EvalPolicy, checkpointer: Checkpointer, stop: StopPolicy, out: Path,
-             progress: bool = True) -> LoopOutcome:
+             progress: bool = True, world: World = SINGLE) -> LoopOutcome:
     """Optimizer steps from ``state.step`` until ``stop`` says so; ``state`` is updated in place.
 
     Raises ``TrainingDiverged`` on a non-finite loss or gradient (its metrics line is written first) and
     lets a second Ctrl-C's ``KeyboardInterrupt`` through; the last checkpoint stands in both cases.
     """
+    log = _log if world.is_main else _silent
     if evaluation.at_start and eval_batches:  # where the curve starts: the untrained model's validation loss
         start_loss = runner.evaluate(eval_batches)
         metrics.write({"step": 0, "val_loss": start_loss, **_val_stats(runner)})
-        _log(f"step 0: validation loss {start_loss:.4f}{_accuracy_note(runner)} (before training)", None)
-    bar = _progress_bar(progress, stop.total_steps, state.step)
+        log(f"step 0: validation loss {start_loss:.4f}{_accuracy_note(runner)} (before training)", None)
+    bar = _progress_bar(progress and world.is_main, stop.total_steps, state.step)
     stopped, last_loss = "completed", None
     run_tokens, run_time = 0, 0.0
-    with StopRequest() as request:
+    with StopRequest(announce=world.is_main) as request:
         try:
             while not stop.is_final(state.step):
                 started = time.perf_counter()
                 lr = schedule.apply(optimizer, state.step)
                 micro = [stream.next() for _ in range(stop.micro_batches(grad_accum, stream.consumed))]
-                loss_value, grad_value, step_trained = _accumulate(runner, micro, params, max_grad_norm)
+                loss_value, grad_value, step_trained, step_real = _accumulate(runner, micro, params, max_grad_norm)
                 step_stats = runner.take_stats()  # DPO/ORPO: reward accuracy, margin, log-probs ({} for SFT)
                 if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
                     optimizer.zero_grad(set_to_none=True)
                     metrics.write({"step": state.step + 1, "loss": loss_value, "grad_norm": grad_value, "lr": lr})
-                    raise _diverged(out, state.step + 1, loss_value, grad_value)
+                    raise world.quiet(_diverged(out, state.step + 1, loss_value, grad_value))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
                 elapsed = time.perf_counter() - started
-                step_real = sum(b.num_real_tokens for b in micro)
                 state.step += 1
                 state.tokens_seen += step_real
                 state.trained_tokens += step_trained
@@ -164,17 +190,22 @@ def run_loop(runner: StepRunner, optimizer, stream: BatchStream, eval_batches: l
 
                 improved = False
                 if eval_batches and evaluation.due(state.step, final=final):
-                    improved = _evaluate(runner, eval_batches, state, evaluation, metrics, bar)
-                    plot_losses(out)
+                    improved = _evaluate(runner, eval_batches, state, evaluation, metrics, bar, log)
+                    if world.is_main:
+                        plot_losses(out)
                 checkpointer.maybe_save(state, final=final, improved=improved)
-                decision = stop.check(state, request.reason)
+                requested = request.reason
+                if world.distributed:  # all stop at the same step: any rank's request, the slowest clock
+                    anyone, state.elapsed_s = world.max(requested is not None, state.elapsed_s)
+                    requested = requested or ("requested by another rank" if anyone else None)
+                decision = stop.check(state, requested)
                 if decision is not None:
                     if decision.message:
-                        _log(decision.message, bar)
+                        log(decision.message, bar)
                     stopped = decision.reason
                     break
         except KeyboardInterrupt:  # a second Ctrl-C: quit now, keeping the last checkpoint
-            _log(f"homebake: aborted at step {state.step}; the last checkpoint is {latest_checkpoint(out)}", bar)
+            log(f"homebake: aborted at step {state.step}; the last checkpoint is {latest_checkpoint(out)}", bar)
             raise
         finally:
             if bar is not None:
@@ -183,40 +214,52 @@ def run_loop(runner: StepRunner, optimizer, stream: BatchStream, eval_batches: l
 
 
 def train(config: TrainConfig) -> TrainResult:
-    setup = setup_training(config)  # takes the run folder's lock
+    setup = setup_training(config)  # takes the run folder's lock (rank 0), joins the job (several ranks)
     try:
-        return _train(config, setup)
+        with collective("training") if setup.world.distributed else nullcontext():
+            result = _train(config, setup)
+        setup.world.close()  # not after a failure: a dead peer can make leaving the group hang
+        return result
     finally:
-        setup.lock.release()
+        if setup.lock is not None:
+            setup.lock.release()
 
 
 def _train(config: TrainConfig, setup) -> TrainResult:
-    print_header(setup)
-    out, state, model = setup.out, setup.state, setup.model
+    out, state, model, world = setup.out, setup.state, setup.model, setup.world
+    log = _log if world.is_main else _silent
+    if world.is_main:
+        print_header(setup)
     resumed = setup.resumed_from is not None
     checkpointer = Checkpointer(out, model.trainable, setup.optimizer, setup.stream,
                                 CheckpointPolicy.from_config(config), write_adapter=adapter_writer(config, model),
-                                last_saved=state.step if resumed else -1)
-    with MetricsLog(out, resume_step=state.step if resumed else None) as metrics:
+                                last_saved=state.step if resumed else -1, world=world, sharded=setup.sharded)
+    metrics_log = MetricsLog(out, resume_step=state.step if resumed else None) if world.is_main else _Unlogged()
+    with metrics_log as metrics:
         outcome = run_loop(
             setup.runner, setup.optimizer, setup.stream, setup.eval_batches, setup.schedule, state, metrics,
             params=list(model.trainable.values()), grad_accum=config.grad_accum,
             max_grad_norm=config.max_grad_norm, log_every=config.log_every,
             evaluation=EvalPolicy.from_config(config, resumed=resumed), checkpointer=checkpointer,
             stop=StopPolicy.from_config(config, setup.total_steps, setup.micro_budget), out=out,
-            progress=config.progress)
+            progress=config.progress, world=world)
 
     stopped = outcome.stopped
     saved = checkpointer.save_if_unsaved(state)
     if saved is not None and stopped == "interrupted":
-        _log(f"homebake: saved {saved}; continue with --resume", None)
+        log(f"homebake: saved {saved}; continue with --resume", None)
     if stopped != "interrupted":
         if stopped == "early_stopping" and state.best_step is not None and state.best_step != state.step:
             checkpointer.restore(state.best_step)
-            _log(f"homebake: exporting the best checkpoint (step {state.best_step})", None)
-        written = write_final_outputs(config, model, out)
-        _log(f"homebake: wrote {', '.join(str(p) for p in written)}", None)
-    plot_losses(out)
+            log(f"homebake: exporting the best checkpoint (step {state.best_step})", None)
+        # FSDP2: every rank hands its shards to rank 0, which writes the whole model
+        full_weights = setup.sharded.full_state_dict() if setup.sharded is not None else None
+        if world.is_main:
+            written = write_final_outputs(config, model, out, state_dict=full_weights)
+            log(f"homebake: wrote {', '.join(str(p) for p in written)}", None)
+        world.barrier("waiting for rank 0 to write the outputs")
+    if world.is_main:
+        plot_losses(out)
     return TrainResult(out, state.step, stopped, outcome.last_loss, state.val_loss, state.best_val_loss,
                        state.best_step, outcome.tokens / outcome.seconds if outcome.seconds else 0.0,
-                       peak_rss_bytes() / GIB)
+                       peak_rss_bytes() / GIB, world.is_main)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +175,8 @@ class PreferenceObjective:
 
     name = "preference"
     preference = True
+    stat_keys = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logps",
+                 "rejected_logps")  # what ``_record`` sums (subclasses add their extras)
 
     def __init__(self):
         self._sums: dict[str, float] = defaultdict(float)
@@ -182,11 +185,25 @@ class PreferenceObjective:
     def normaliser(self, batches) -> int:
         return sum(b.num_pairs for b in batches)
 
-    def take_stats(self) -> dict[str, float]:
-        """Means over the pairs seen since the last call (then reset); {} when none."""
+    def take_sums(self) -> tuple[dict[str, float], int]:
+        """The summed metrics and the pair count since the last call (then reset)."""
         pairs, sums = self._pairs, self._sums
         self._sums, self._pairs = defaultdict(float), 0
+        return sums, pairs
+
+    def take_stats(self) -> dict[str, float]:
+        """Means over the pairs seen since the last call (then reset); {} when none."""
+        sums, pairs = self.take_sums()
         return {key: round(value / pairs, 6) for key, value in sums.items()} if pairs else {}
+
+    @contextmanager
+    def unrecorded(self):
+        """Pairs scored inside are left out of the metrics (a distributed rank's filler row)."""
+        sums, pairs = dict(self._sums), self._pairs
+        try:
+            yield
+        finally:
+            self._sums, self._pairs = defaultdict(float, sums), pairs
 
     def _record(self, chosen_reward, rejected_reward, chosen_logps, rejected_logps, **extra) -> None:
         self._pairs += int(chosen_reward.shape[0])
@@ -251,6 +268,7 @@ class DPO(PreferenceObjective):
 
 class ORPO(PreferenceObjective):
     name = "orpo"
+    stat_keys = PreferenceObjective.stat_keys + ("nll_loss", "log_odds_ratio")
 
     def __init__(self, lam: float = 0.1):
         super().__init__()

@@ -3,13 +3,16 @@
 - ``adapter_writer(config, model)``: a function writing the PEFT-format adapter
   (``homebake.adapters.peft.save_peft_adapter``) into a new folder; None for a full fine-tune. The
   checkpointer uses it for each checkpoint's ``adapter/`` copy, ``write_final_outputs`` for the run's own.
-- ``write_final_outputs(config, model, out)``: the adapter files directly in ``out`` (each file replaced
-  atomically), or the full model as an HF folder in ``out/model`` (``homebake.model.save.save_hf_model``).
-- ``print_header(setup)``: trainable parameters, the memory plan, and one line describing the run.
+- ``write_final_outputs(config, model, out, state_dict=None)``: the adapter files directly in ``out`` (each file
+  replaced atomically), or the full model as an HF folder in ``out/model`` (``homebake.model.save.save_hf_model``;
+  ``state_dict``: the weights FSDP2 gathered from the ranks). Several ranks: rank 0 calls it.
+- ``print_header(setup)``: trainable parameters, the memory plan (per rank), one line describing the run and,
+  with several ranks, one for the job: world size, strategy, per-rank and global batch.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import sys
@@ -40,13 +43,15 @@ def adapter_writer(config: TrainConfig, setup: ModelSetup) -> Callable[[Path], N
     return write
 
 
-def write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path) -> list[Path]:
-    """The adapter files (PEFT format) directly in ``out``, or the full model in ``out/model``.
+def write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path, *,
+                        state_dict: dict | None = None) -> list[Path]:
+    """The adapter files (PEFT format) directly in ``out``, or the full model in ``out/model`` (``state_dict``,
+    when given, instead of the model's own: an FSDP2 model's gathered weights).
 
     A failure (disk full) is a one-line ``WriteError``; the final checkpoint is already saved, so
     ``--resume`` writes the outputs again once there is space."""
     try:
-        return _write_final_outputs(config, setup, out)
+        return _write_final_outputs(config, setup, out, state_dict)
     except (OSError, ExportError) as error:
         from ..fsutil import describe_os_error
 
@@ -57,7 +62,7 @@ def write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path) -> li
                          fix=f"free disk space, then run `homebake train --out {out} --resume` to write it") from None
 
 
-def _write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path) -> list[Path]:
+def _write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path, state_dict: dict | None) -> list[Path]:
     writer = adapter_writer(config, setup)
     if writer is not None:
         staging = out / STAGING_ADAPTER
@@ -71,7 +76,8 @@ def _write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path) -> l
     from ..model.save import save_hf_model
 
     target = out / FULL_MODEL_DIR
-    save_hf_model(setup.loaded, target, state_dict=setup.model.state_dict(), overwrite=True)
+    save_hf_model(setup.loaded, target, state_dict=state_dict if state_dict is not None else setup.model.state_dict(),
+                  overwrite=True)
     return [target]
 
 
@@ -97,20 +103,37 @@ def print_header(setup: TrainingSetup) -> None:
         n_total = sum(p.numel() for p in model.model.parameters())
         print(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / max(1, n_total):.3f}%)",
               file=sys.stderr)
-    args = model.loaded.args
-    plan = estimate_memory(
-        model.model, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+    plan = memory_plan(setup)
+    free = available_memory(setup.device)
+    per_rank = " per rank" if setup.world.distributed else ""
+    print(plan.describe() + per_rank + (f"; {free / GIB:.1f} GiB available" if free else ""), file=sys.stderr)
+    if free and plan.total > free:
+        print("homebake: warning: this run may not fit; lower --batch-size or --max-seq-len, or add "
+              "--gradient-checkpointing", file=sys.stderr)
+    rows = config.batch_size * setup.world.world_size
+    print(f"{config.method} on {setup.device.type} in {str(setup.compute_dtype).replace('torch.', '')}; "
+          f"{setup.data_summary}; {setup.stream.batches_per_epoch} batches/epoch of {rows} rows; "
+          f"{setup.total_steps} steps; {len(setup.eval_batches)} validation batches", file=sys.stderr)
+    if setup.world.distributed:
+        print(f"{setup.world.describe()}, {setup.strategy.upper()}: {config.batch_size} rows per rank x "
+              f"{setup.world.world_size} ranks x {config.grad_accum} accumulation = {rows * config.grad_accum} "
+              "rows per optimizer step (global batch)", file=sys.stderr)
+
+
+def memory_plan(setup: TrainingSetup):
+    """The planner's estimate for this run; per rank when several share it (the planner's ``world_size`` and
+    ``fsdp`` arguments, where it takes them: FSDP2 divides the sharded parts by the ranks)."""
+    config, model, args = setup.config, setup.model, setup.model.loaded.args
+    options = dict(
+        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
         num_layers=args.num_hidden_layers, vocab_size=args.vocab_size,
         tokens_per_micro_batch=config.batch_size * config.data.max_seq_len,
         activation_bytes=torch.finfo(setup.compute_dtype).bits // 8,
         gradient_checkpointing=config.gradient_checkpointing,
         adapter_dropout=config.method != "full" and config.lora.dropout > 0,
         head_chunk_rows=setup.runner.chunk_rows, reference_bytes=_reference_bytes(setup))
-    free = available_memory(setup.device)
-    print(plan.describe() + (f"; {free / GIB:.1f} GiB available" if free else ""), file=sys.stderr)
-    if free and plan.total > free:
-        print("homebake: warning: this run may not fit; lower --batch-size or --max-seq-len, or add "
-              "--gradient-checkpointing", file=sys.stderr)
-    print(f"{config.method} on {setup.device.type} in {str(setup.compute_dtype).replace('torch.', '')}; "
-          f"{setup.data_summary}; {setup.stream.batches_per_epoch} batches/epoch of {config.batch_size} rows; "
-          f"{setup.total_steps} steps; {len(setup.eval_batches)} validation batches", file=sys.stderr)
+    accepted = inspect.signature(estimate_memory).parameters
+    if setup.world.distributed and "world_size" in accepted:
+        options.update(world_size=setup.world.world_size, fsdp=setup.strategy == "fsdp")
+    # FSDP2 parameters are DTensors here: numel() is the whole tensor's, their storage this rank's shard
+    return estimate_memory(model.model, **options)

@@ -112,16 +112,18 @@ class StopRequest:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.reason: str | None = None
+        self.announce = announce  # several ranks: rank 0 says it once
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
         if self.reason is not None:
             raise KeyboardInterrupt
         self.reason = signal.Signals(signum).name
-        print(f"\nhomebake: {self.reason}: stopping after this step and saving a checkpoint "
-              "(press Ctrl-C again to quit without saving)", file=sys.stderr)
+        if self.announce:
+            print(f"\nhomebake: {self.reason}: stopping after this step and saving a checkpoint "
+                  "(press Ctrl-C again to quit without saving)", file=sys.stderr)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

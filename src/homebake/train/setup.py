@@ -1,13 +1,16 @@
 """Everything a training run needs before its first step, built from a ``TrainConfig``.
 
-``setup_training(config) -> TrainingSetup``, in this order: validate the config, take the run folder's
-lock (``run_lock.RunLock``: one run per folder; a killed run's lock is taken over) and delete what a
+``setup_training(config) -> TrainingSetup``, in this order: validate the config, join the job when torchrun
+started several ranks (``distributed.init_world``; ``World`` says which rank this is), then on rank 0 only take the
+run folder's lock (``run_lock.RunLock``: one run per folder; a killed run's lock is taken over) and delete what a
 killed run left there (``run_folder.leftovers``), check the output
 folder against --resume/--overwrite (``prepare_out_dir``), pick the device and compute dtype
 (``compute_dtype_for``), seed, build the model and its adapters (``build_model``), load and encode the
 data (``load_examples``), write ``config.yaml``, build the batch stream, the evaluation batches, the
 learning-rate schedule, the optimizer (``make_optimizer``) and the step runner, and, when resuming,
 load the checkpoint into the trainable parameters, the optimizer, the RNGs and the data position.
+Several ranks: each gets its share of every micro-batch (``BatchStream(rank=, world_size=)``), the model goes
+under DDP or FSDP2 (``distributed.step_runner``) before the optimizer is built, and only rank 0 writes.
 Nothing here runs a training step.
 """
 
@@ -17,13 +20,13 @@ import math
 import random
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..device import has_fast_bf16, pick_device, supports_bf16
+from ..device import has_fast_bf16, supports_bf16
 from ..errors import ConfigError
 from ..fsutil import recover_interrupted_replace
 from ..run_folder import CHECKPOINTS, FULL_MODEL_DIR, latest_checkpoint, leftovers, previous_run_files
@@ -31,6 +34,7 @@ from ..run_lock import RunLock
 from .checkpoint import TrainerState, load_checkpoint
 from .config import TrainConfig
 from .data_stream import BatchStream, evaluation_batches
+from .distributed import SINGLE, ShardedState, World, init_world, step_runner, strategy_for
 from .loss import lm_head
 from .schedule import LRSchedule
 from .step import StepRunner
@@ -177,11 +181,13 @@ def make_optimizer(config: TrainConfig, params: dict[str, torch.nn.Parameter], d
     return torch.optim.AdamW([g for g in groups if g["params"]], foreach=True, **kwargs)
 
 
-def resume_from_checkpoint(path: Path, setup: ModelSetup, optimizer, stream: BatchStream) -> TrainerState:
+def resume_from_checkpoint(path: Path, setup: ModelSetup, optimizer, stream: BatchStream, world: World = SINGLE,
+                           sharded: ShardedState | None = None) -> TrainerState:
     """Load ``path`` into the trainable parameters, the optimizer and the RNGs; move the stream to its position."""
-    state = load_checkpoint(path, setup.trainable, optimizer)
+    state = load_checkpoint(path, setup.trainable, optimizer, world=world, sharded=sharded)
     stream.epoch, stream.index = state.epoch, state.batch_in_epoch
-    print(f"homebake: resuming from {path} (step {state.step})", file=sys.stderr)
+    if world.is_main:
+        print(f"homebake: resuming from {path} (step {state.step})", file=sys.stderr)
     return state
 
 
@@ -204,28 +210,42 @@ class TrainingSetup:
     runner: StepRunner
     state: TrainerState  # fresh, or the resumed checkpoint's
     resumed_from: Path | None  # the checkpoint resumed from
-    lock: RunLock | None = None  # held until train() ends (released by the process's death at the latest)
+    lock: RunLock | None = None  # rank 0's, held until train() ends (released by the process's death at the latest)
+    world: World = field(default_factory=World)  # this process's rank in the job (world size 1: alone)
+    strategy: str | None = None  # None (one process), "ddp" or "fsdp"
+    sharded: ShardedState | None = None  # FSDP2: the weights and optimizer as shards (checkpoints, final model)
 
 
 def setup_training(config: TrainConfig) -> TrainingSetup:
-    """Everything before the first step, holding the run folder's lock (``TrainingSetup.lock``); the caller
-    releases it when the run ends. Any failure here releases it."""
+    """Everything before the first step, holding the run folder's lock (``TrainingSetup.lock``, rank 0's); the
+    caller releases it and leaves the process group (``TrainingSetup.world``) when the run ends. Any failure
+    here does both."""
     config.validate()
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("the output path is a file", where=f"out {out}", fix="choose a folder for --out")
-    lock = RunLock(out).acquire()
-    try:
+    world = init_world(config)
+    held: list[RunLock] = []
+
+    def claim_out_dir() -> Path | None:  # rank 0 alone: lock, clean up, check --resume/--overwrite
+        held.append(RunLock(out).acquire())
         clean_leftovers(out)
-        return _setup(config, out, lock)
+        return prepare_out_dir(config)
+
+    try:
+        resume_from = world.run_on_main(claim_out_dir)
+        return _setup(config, out, held[0] if held else None, world, resume_from)
     except BaseException:
-        lock.release()
+        if held:
+            held[0].release()
+        world.close()
         raise
 
 
-def _setup(config: TrainConfig, out: Path, lock: RunLock) -> TrainingSetup:
-    resume_from = prepare_out_dir(config)
-    device = pick_device(config.device)
+def _setup(config: TrainConfig, out: Path, lock: RunLock | None, world: World,
+           resume_from: Path | None) -> TrainingSetup:
+    device = world.device
+    strategy = strategy_for(config, world)
     compute_dtype = compute_dtype_for(config, device)
     seed_everything(config.seed)
 
@@ -233,12 +253,14 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock) -> TrainingSetup:
     tokenizer = model.loaded.tokenizer
     train_examples, val_examples, data_summary = load_examples(config, tokenizer)
     objective = _objective_for(config, model, compute_dtype, train_examples + val_examples)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out)
 
     data = config.data
     batching = dict(batch_size=config.batch_size, max_seq_len=data.max_seq_len,
-                    pad_token_id=tokenizer.pad_token_id, packing=data.packing)
+                    pad_token_id=tokenizer.pad_token_id, packing=data.packing, rank=world.rank,
+                    world_size=world.world_size)
     stream = BatchStream(train_examples, seed=data.seed, **batching)
     eval_batches = evaluation_batches(val_examples, limit=config.eval_batches, **batching)
     micro_budget = math.ceil(config.epochs * stream.batches_per_epoch)
@@ -246,12 +268,16 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock) -> TrainingSetup:
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total_steps)
     schedule = LRSchedule(config.resolved_learning_rate(), total_steps, warmup, config.schedule,
                           config.min_lr_ratio)
+    # DDP / FSDP2 first: FSDP2 replaces the parameters with their shards, which the optimizer must hold
+    runner = step_runner(world, model, compute_dtype, config.loss_chunk_rows, strategy=strategy,
+                         objective=objective)
     optimizer = make_optimizer(config, model.trainable, device)
-    runner = StepRunner(model.model, model.head_weight, compute_dtype, device, config.loss_chunk_rows,
-                        objective=objective)
+    sharded = ShardedState(runner.model, optimizer) if strategy == "fsdp" else None
+    if world.rank:  # the same start everywhere (above), then each rank its own dropout masks
+        torch.manual_seed(config.seed + 7919 * world.rank)
     state = TrainerState(param_names=list(model.trainable))
     if resume_from is not None:
-        state = resume_from_checkpoint(resume_from, model, optimizer, stream)
+        state = resume_from_checkpoint(resume_from, model, optimizer, stream, world, sharded)
     return TrainingSetup(config, out, device, compute_dtype, model, data_summary, stream, eval_batches,
                          total_steps, None if config.max_steps else micro_budget, schedule, optimizer, runner,
-                         state, resume_from, lock)
+                         state, resume_from, lock, world, strategy, sharded)

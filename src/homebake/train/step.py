@@ -20,6 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .data_stream import is_filler
 from .loss import default_chunk_rows, head_loss, shift_targets
 
 
@@ -34,11 +35,28 @@ class StepRunner:
         self.model = model
         self.objective = objective  # None: SFT; else train.objectives.DPO / ORPO
         self.eval_stats: dict[str, float] = {}
-        self.head = head_weight if head_weight is not None else model.logits
+        self._head = head_weight if head_weight is not None else model.logits
         self.compute_dtype = compute_dtype
         self.device = device
         vocab = head_weight.shape[0] if head_weight is not None else 65536
         self.chunk_rows = chunk_rows or default_chunk_rows(vocab)
+
+    # One process: the identities below. ``train.distributed.DistributedStepRunner`` overrides them to cover
+    # every rank (sums over ranks, gradient sync at the step's last micro-batch, sharded gradient norms).
+    loss_scale = 1.0  # DDP/FSDP2 average gradients over N ranks: N turns the average back into the sum
+
+    @property
+    def head(self):
+        return self._head
+
+    def sum_over_ranks(self, *values: float) -> tuple[float, ...]:
+        return values
+
+    def sync_gradients(self, last: bool):
+        return nullcontext()
+
+    def full_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm
 
     def autocast(self):
         if self.compute_dtype == torch.float32:
@@ -82,26 +100,35 @@ class StepRunner:
             count += n
         self.model.train(was_training)
         self.eval_stats = self.take_stats()
+        total, count = self.sum_over_ranks(total, count)
         return total / count if count else None
 
 
-def _accumulate(runner: StepRunner, micro: list, params: list, max_grad_norm: float) -> tuple[float, float, int]:
-    """Forward/backward over the micro-batches of one optimizer step; returns (loss, grad norm, trained tokens).
+def _accumulate(runner: StepRunner, micro: list, params: list,
+                max_grad_norm: float) -> tuple[float, float, int, int]:
+    """Forward/backward over the micro-batches of one optimizer step; returns (loss, grad norm, trained tokens,
+    real tokens), each of the whole step (every rank's share of it, under torch.distributed).
 
     Each micro-batch's summed loss is divided by the trained tokens of the *whole step*, so the
-    accumulated gradient is that of the mean over every trained token (2 x 4 rows == 1 x 8 rows); with a
-    preference objective, by the pairs of the whole step (the mean over pairs).
+    accumulated gradient is that of the mean over every trained token (2 x 4 rows == 1 x 8 rows, and
+    2 ranks x 4 rows == 1 process x 8 rows); with a preference objective, by the pairs of the whole step
+    (the mean over pairs).
     """
-    step_trained = sum(int((shift_targets(b.labels, b.position_ids) != -100).sum()) for b in micro)
-    step_norm = step_trained if runner.objective is None else runner.normaliser(micro)
+    counted = [b for b in micro if not is_filler(b)]  # a rank's filler row (empty share) counts nothing
+    local_trained = sum(int((shift_targets(b.labels, b.position_ids) != -100).sum()) for b in counted)
+    local_norm = local_trained if runner.objective is None else runner.normaliser(counted)
+    local_real = sum(b.num_real_tokens for b in counted)
+    step_trained, step_norm = (int(v) for v in runner.sum_over_ranks(local_trained, local_norm))
     loss_total = 0.0
-    for batch in micro:
-        loss_sum, _ = runner.loss_sum(batch)
-        if step_norm:
-            (loss_sum / step_norm).backward()
+    for index, batch in enumerate(micro):
+        with runner.sync_gradients(index == len(micro) - 1):
+            loss_sum, _ = runner.loss_sum(batch)
+            if step_norm:
+                (loss_sum * runner.loss_scale / step_norm).backward()
         loss_total = loss_total + loss_sum.detach()
+    loss_total, step_real = runner.sum_over_ranks(float(loss_total), local_real)
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = runner.full_norm(torch.nn.utils.get_total_norm(grads, foreach=True))
     if max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    return float(loss_total) / max(1, step_norm), float(grad_norm), step_trained
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm, foreach=True)
+    return loss_total / max(1, step_norm), float(grad_norm), step_trained, int(step_real)
