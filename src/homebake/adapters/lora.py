@@ -403,7 +403,22 @@ def quantize_base_to_nf4(model: nn.Module, target_modules) -> list[str]:
         else:
             replace_module(model, path, NF4Linear.from_linear(module))
         quantized.append(path)
+    if quantized:
+        _own_the_rest(model)
     return quantized
+
+
+def _own_the_rest(model: nn.Module) -> None:
+    """Copy the weights left unquantised (embeddings, norms) out of whatever they share storage with: weights
+    loaded from safetensors are views of the memory-mapped file, whose pages -- every one of them, touched while
+    quantising -- stay resident until no tensor refers to the mapping."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                param.data = param.data.clone()
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and not isinstance(module, NF4Weight):
+                    setattr(module, name, buffer.clone())
 
 
 def _base_forward(module: LoraLinear):

@@ -157,7 +157,9 @@ def _token_lines(examples: Sequence[Encoded], config, *, pairs: bool = False) ->
     stats = length_stats(lengths)
     total, trained = sum(lengths), sum(e.num_trained for e in examples)
     unit = "pair (chosen + rejected)" if pairs else "example"
-    lines = ["", f"Tokens per {unit} (max_seq_len {config.max_seq_len:,} per sequence): min {stats['min']:,}, "
+    limit = (f"max_seq_len {config.max_seq_len:,}" if config.max_seq_len is not None else
+             f"max_seq_len unset: training would use {config.row_length(stats['max']):,}")
+    lines = ["", f"Tokens per {unit} ({limit} per sequence): min {stats['min']:,}, "
              f"median {stats['median']:,.0f}, mean {stats['mean']:,.1f}, p95 {stats['p95']:,}, max {stats['max']:,}"]
     lines += histogram(lengths)
     lines.append(f"Trained tokens: {trained:,} of {total:,} ({trained / max(1, total):.1%})")

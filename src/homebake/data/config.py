@@ -11,6 +11,11 @@ from ..errors import ConfigError
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "completion", "text", "preference")
 TRAIN_ON = ("all_assistant", "last_turn", "everything")
 TRUNCATION = ("drop", "truncate")
+# With max_seq_len unset, examples are encoded up to this (or the model's context, if shorter) and the row length
+# becomes the longest example rounded up to a multiple of SEQ_LEN_MULTIPLE: short data is not padded or packed into
+# 2048-token rows.
+AUTO_MAX_SEQ_LEN = 4096
+SEQ_LEN_MULTIPLE = 64
 
 
 @dataclass
@@ -39,8 +44,9 @@ class DataConfig:
     train_on: str = field(default="all_assistant", metadata={"help": (
         "which tokens are learned: all_assistant (every assistant turn and its end-of-turn token), "
         "last_turn (only the final assistant turn) or everything (prompts too)")})
-    max_seq_len: int = field(default=2048, metadata={"help": (
-        "longest example in tokens (and the packing bin size)")})
+    max_seq_len: int | None = field(default=None, metadata={"help": (
+        "longest example in tokens (and the packing bin size); default: the longest example rounded up to a "
+        f"multiple of {SEQ_LEN_MULTIPLE}, at most the model's context and {AUTO_MAX_SEQ_LEN}")})
     truncation: str = field(default="drop", metadata={"help": (
         "what happens to longer examples: drop (skip and count them) or truncate (cut the end; "
         "counted, and skipped if no trained token is left)")})
@@ -63,7 +69,7 @@ class DataConfig:
         for name, allowed in (("format", FORMATS), ("train_on", TRAIN_ON), ("truncation", TRUNCATION)):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"unknown value {getattr(self, name)!r}", f"use one of {', '.join(allowed)}")
-        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 2:
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
             raise bad("max_seq_len", f"must be an integer >= 2, got {self.max_seq_len!r}", "e.g. 2048")
         if not 0.0 <= float(self.validation_fraction) < 1.0:
             raise bad("validation_fraction", f"must be in [0, 1), got {self.validation_fraction!r}",
@@ -82,6 +88,20 @@ class DataConfig:
         wrong = sorted(v for v in self.roles.values() if v not in ROLES)
         if wrong:
             raise bad("roles", f"unknown target role(s) {', '.join(wrong)}", f"map to one of {', '.join(ROLES)}")
+
+    def encoding_limit(self, context: int | None = None) -> int:
+        """The longest example kept: max_seq_len when set, else the automatic cap (and the model's context)."""
+        if self.max_seq_len is not None:
+            return self.max_seq_len
+        return min(AUTO_MAX_SEQ_LEN, context) if context else AUTO_MAX_SEQ_LEN
+
+    def row_length(self, longest: int, context: int | None = None) -> int:
+        """max_seq_len when set; else the longest kept example rounded up to a multiple of SEQ_LEN_MULTIPLE
+        (within the encoding limit)."""
+        if self.max_seq_len is not None:
+            return self.max_seq_len
+        rounded = -(-max(2, longest) // SEQ_LEN_MULTIPLE) * SEQ_LEN_MULTIPLE
+        return min(rounded, self.encoding_limit(context))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":

@@ -53,8 +53,9 @@ class PreparedDataset:
         return "; ".join(parts)
 
 
-def prepare_dataset(config: DataConfig, tokenizer) -> PreparedDataset:
-    """Read ``config.paths`` (and ``config.validation``), then encode with ``tokenizer``."""
+def prepare_dataset(config: DataConfig, tokenizer, *, context: int | None = None) -> PreparedDataset:
+    """Read ``config.paths`` (and ``config.validation``), then encode with ``tokenizer``; with ``max_seq_len``
+    unset, examples up to ``config.encoding_limit(context)`` tokens are kept."""
     config.validate()
     log = SkipLog(strict=config.strict)
     options = dict(fmt=config.format, fields=config.fields, roles=config.roles, hub_split=config.hub_split, log=log)
@@ -74,7 +75,7 @@ def prepare_dataset(config: DataConfig, tokenizer) -> PreparedDataset:
     if not config.validation and config.validation_fraction > 0:
         conversations, validation = split_validation(conversations, config.validation_fraction, config.seed)
         result.validation_source = "fraction" if validation else "none"
-    encoder = Encoder(tokenizer, train_on=config.train_on, max_seq_len=config.max_seq_len,
+    encoder = Encoder(tokenizer, train_on=config.train_on, max_seq_len=config.encoding_limit(context),
                       truncation=config.truncation)
     result.train = _encode_all(encoder, conversations, log)
     result.validation = _encode_all(encoder, validation, log)

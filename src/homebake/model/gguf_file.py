@@ -180,12 +180,16 @@ def _open(path: Path):
     return reader, metadata
 
 
-def gguf_state_dict(contents: GGUFContents, args) -> dict[str, torch.Tensor]:
-    """HF-named float32 tensors in HF layout (Q/K un-permuted for llama-architecture files)."""
+def gguf_state_dict(contents: GGUFContents, args, *, dtype: torch.dtype = torch.float32,
+                    consume: bool = False) -> dict[str, torch.Tensor]:
+    """HF-named tensors in HF layout (Q/K un-permuted for llama-architecture files), cast to ``dtype`` one at a
+    time; ``consume`` drops each float32 array from ``contents`` once cast, so loading never holds the whole
+    model twice (float32 and ``dtype``)."""
     arch = contents.metadata.get("general.architecture")
     permuted = arch in PERMUTED_QK_ARCHS
     state: dict[str, torch.Tensor] = {}
-    for name, array in contents.tensors.items():
+    for name in list(contents.tensors):
+        array = contents.tensors.pop(name) if consume else contents.tensors[name]
         if name in NON_WEIGHT_TENSORS:
             continue
         hf_name = gguf_to_hf_name(name, arch)
@@ -206,7 +210,8 @@ def gguf_state_dict(contents: GGUFContents, args) -> dict[str, torch.Tensor]:
                     where=str(contents.path), fix="the file's head counts do not match its tensors",
                 )
             tensor = unpermute_qk(tensor, heads)
-        state[hf_name] = tensor
+        state[hf_name] = tensor.to(dtype)
+        del array, tensor
     return state
 
 

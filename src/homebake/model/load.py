@@ -197,14 +197,16 @@ def _read_safetensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[
     return state, origin
 
 
-def _read_checkpoint(path: Path, kind: str) -> _Checkpoint:
+def _read_checkpoint(path: Path, kind: str, dtype: torch.dtype = torch.float32) -> _Checkpoint:
+    """The checkpoint's tensors; a GGUF's are dequantised and cast to ``dtype`` one by one (the loading peak is
+    then the float32 model, not float32 plus ``dtype``)."""
     if kind == "gguf":
         from .gguf_file import gguf_state_dict, read_gguf
 
         contents = read_gguf(path)
         args = _parse_args(lambda: ModelArgs.from_gguf_metadata(contents.metadata, contents.tensors, where=str(path)),
                            path)
-        state = gguf_state_dict(contents, args)
+        state = gguf_state_dict(contents, args, dtype=dtype, consume=True)
         return _Checkpoint(args, state, {name: path for name in state}, path, kind, contents.metadata)
     args, config = _read_hf_config_dict(path)
     state, origin = _read_safetensors(_safetensors_files(path))
@@ -277,7 +279,8 @@ def build_model(checkpoint: _Checkpoint, *, dtype: torch.dtype, device: str | to
                              f"{' '.join(str(exc).split())[:120]})", where=str(where),
                              fix="use the model's own, unmodified configuration") from None
     _check_names_and_shapes(model, checkpoint)
-    state = {name: t.to(device=device, dtype=dtype) for name, t in checkpoint.state_dict.items()}
+    source = checkpoint.state_dict
+    state = {name: source.pop(name).to(device=device, dtype=dtype) for name in list(source)}  # one copy at a time
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -297,7 +300,7 @@ def load_model(
 ) -> LoadedModel:
     """Load model (+ tokenizer) from the default model, a local HF folder, a .gguf file or a hub id."""
     path, kind = resolve_source(source)
-    checkpoint = _read_checkpoint(path, kind)
+    checkpoint = _read_checkpoint(path, kind, dtype)
     model = build_model(checkpoint, dtype=dtype, device=device)
     tokenizer = None
     if with_tokenizer:

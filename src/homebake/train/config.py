@@ -47,8 +47,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata=_help("data pipeline settings"))
     lora: LoraConfig = field(default_factory=LoraConfig, metadata=_help("LoRA/DoRA/QLoRA adapter settings"))
 
-    batch_size: int = field(default=8, metadata=_help(
-        "rows (packed sequences) per micro-batch; with several ranks, per rank (the global batch is N times it)"))
+    batch_size: int | None = field(default=None, metadata=_help(
+        "rows (packed sequences) per micro-batch; with several ranks, per rank (the global batch is N times it); "
+        "default: 8 rows per optimizer step, as many per micro-batch as fit in memory (the rest accumulated)"))
     grad_accum: int = field(default=1, metadata=_help(
         "micro-batches per optimizer step; the loss is normalised by the trained tokens of all of them"))
     learning_rate: float | None = field(default=None, metadata=_help(
@@ -79,8 +80,12 @@ class TrainConfig:
         "bf16 (frozen weights and activations in bf16, "
         "trainable weights and optimizer in fp32) or fp32"))
     device: str = field(default="auto", metadata=_help("auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"))
-    gradient_checkpointing: bool = field(default=False, metadata=_help(
-        "recompute each layer's activations in backward: less memory, ~30% slower"))
+    gradient_checkpointing: bool | None = field(default=None, metadata=_help(
+        "recompute each layer's activations in backward: less memory, ~30% slower (default: only when the run "
+        "does not fit in memory without it)"))
+    memory_limit: str | None = field(default=None, metadata=_help(
+        "memory the run may use, e.g. 12GB (binary units; default: 85% of the memory available at the start); "
+        "unset batch size and checkpointing are chosen to fit it, and a run that cannot fit is refused"))
     seed: int = field(default=0, metadata=_help("seed for adapter initialisation and dropout"))
     fsdp: bool = field(default=False, metadata=_help(
         "several ranks (torchrun / --nproc-per-node): shard every weight over the ranks with FSDP2 (the default "
@@ -89,7 +94,9 @@ class TrainConfig:
         "several ranks: a rank that waits this long for the others (one died or hangs) ends the job"))
 
     max_steps: int | None = field(default=None, metadata=_help("stop after this many optimizer steps"))
-    epochs: float = field(default=1.0, metadata=_help("passes over the training data (fractions allowed)"))
+    epochs: float | None = field(default=None, metadata=_help(
+        "passes over the training data (fractions allowed); default: 1, or more so that at least 60 optimizer "
+        "steps happen (at most 5 epochs)"))
     max_minutes: float | None = field(default=None, metadata=_help(
         "stop (with a checkpoint) after this much training wall time"))
 
@@ -125,16 +132,20 @@ class TrainConfig:
               f"use one of {', '.join(PRECISIONS)}")
         check(self.schedule in SCHEDULES, "schedule", f"unknown schedule {self.schedule!r}",
               f"use one of {', '.join(SCHEDULES)}")
-        for name in ("batch_size", "grad_accum", "keep_last", "save_every", "log_every"):
+        for name in ("grad_accum", "keep_last", "save_every", "log_every"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}", "e.g. 1")
-        for name in ("max_steps", "eval_batches", "loss_chunk_rows"):
+        if self.memory_limit is not None:
+            from .fit import parse_memory
+
+            parse_memory(self.memory_limit)
+        for name in ("batch_size", "max_steps", "eval_batches", "loss_chunk_rows"):
             value = getattr(self, name)
             check(value is None or (isinstance(value, int) and value >= 1), name,
                   f"must be an integer >= 1, got {value!r}", "leave it unset or use a positive integer")
         check(self.eval_every >= 0 and self.early_stopping_patience >= 0, "eval_every",
               "eval_every and early_stopping_patience must be >= 0", "use 0 to disable")
-        check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs!r}", "e.g. 1 or 3")
+        check(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0, got {self.epochs!r}", "e.g. 1 or 3")
         check(self.resolved_learning_rate() > 0, "learning_rate", "must be > 0", "e.g. 2e-4")
         check(0.0 <= self.warmup_ratio < 1.0 and 0.0 <= self.min_lr_ratio <= 1.0, "warmup_ratio",
               "warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]", "e.g. 0.03 and 0.1")

@@ -48,6 +48,19 @@ def _batching(examples: Sequence):
     return row_groups, collate
 
 
+def widest_row(examples: Sequence, rows: Sequence[Sequence[int]] | None = None, max_seq_len: int | None = None, *,
+               packing: bool = False) -> int:
+    """Tokens in the widest row any micro-batch collates to (each is padded to its widest row), what the memory
+    plan sizes activations by; ``rows`` (example indices) default to the grouping for ``packing``. The rows
+    depend on the lengths only, not on the batch size or the epoch."""
+    if rows is None:
+        rows = _batching(examples)[0](examples, max_seq_len=max_seq_len, packing=packing, seed=0, epoch=0)
+    length = (lambda e: len(e.chosen.ids) + len(e.rejected.ids)) if hasattr(examples[0], "rejected") \
+        else (lambda e: len(e.ids))
+    widest = max(sum(length(examples[i]) for i in row) for row in rows)
+    return min(widest, max_seq_len) if max_seq_len else widest
+
+
 class BatchStream:
     def __init__(self, examples: Sequence, *, batch_size: int, max_seq_len: int, pad_token_id: int,
                  packing: bool, seed: int, epoch: int = 0, index: int = 0, rank: int = 0, world_size: int = 1):
@@ -76,6 +89,10 @@ class BatchStream:
     def batches_per_epoch(self) -> int:
         # Packing depends only on the lengths, so every epoch has the same number of rows.
         return math.ceil(len(self._rows_for(self.epoch)) / self.global_batch)
+
+    @property
+    def widest_row(self) -> int:
+        return widest_row(self.examples, self._rows_for(self.epoch), self.max_seq_len)
 
     @property
     def consumed(self) -> int:

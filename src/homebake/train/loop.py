@@ -34,7 +34,7 @@ from .checkpoint import Checkpointer, TrainerState
 from .config import TrainConfig
 from .data_stream import BatchStream
 from .distributed import SINGLE, World, collective
-from .metrics import MetricsLog, memory_stats, peak_rss_bytes, plot_losses
+from .metrics import MetricsLog, memory_stats, peak_memory_bytes, peak_rss_bytes, plot_losses
 from .outputs import adapter_writer, print_header, write_final_outputs
 from .plan import GIB
 from .policies import CheckpointPolicy, EvalPolicy, StopPolicy, StopRequest
@@ -61,6 +61,8 @@ class TrainResult:
     tokens_per_s: float
     peak_rss_gib: float
     is_main: bool = True  # rank 0 (or the only process): the one that reports
+    peak_memory_gib: float | None = None  # what the plan predicts (device memory on CUDA, else peak RSS)
+    planned_gib: float | None = None  # the memory plan's total (per rank)
 
 
 @dataclass
@@ -262,4 +264,5 @@ def _train(config: TrainConfig, setup) -> TrainResult:
         plot_losses(out)
     return TrainResult(out, state.step, stopped, outcome.last_loss, state.val_loss, state.best_val_loss,
                        state.best_step, outcome.tokens / outcome.seconds if outcome.seconds else 0.0,
-                       peak_rss_bytes() / GIB, world.is_main)
+                       peak_rss_bytes() / GIB, world.is_main, peak_memory_bytes(setup.device) / GIB,
+                       setup.plan.total / GIB if setup.plan is not None else None)

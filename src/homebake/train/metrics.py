@@ -40,6 +40,14 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """The peak the memory plan predicts: device memory on CUDA (allocated, as the plan counts it), else the
+    process's peak RSS (CPU, and MPS's unified memory)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return peak_rss_bytes()
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
     stats = {"rss_gib": round(rss_bytes() / GIB, 3), "peak_rss_gib": round(peak_rss_bytes() / GIB, 3)}
     if device.type == "cuda":

@@ -6,13 +6,13 @@
 - ``write_final_outputs(config, model, out, state_dict=None)``: the adapter files directly in ``out`` (each file
   replaced atomically), or the full model as an HF folder in ``out/model`` (``homebake.model.save.save_hf_model``;
   ``state_dict``: the weights FSDP2 gathered from the ranks). Several ranks: rank 0 calls it.
-- ``print_header(setup)``: trainable parameters, the memory plan (per rank), one line describing the run and,
+- ``print_header(setup)``: trainable parameters, the memory plan (per rank), the settings chosen from the data and
+  to fit the memory, one line describing the run and,
   with several ranks, one for the job: world size, strategy, per-rank and global batch.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import sys
@@ -24,7 +24,7 @@ import torch
 from ..errors import ExportError, WriteError
 from ..run_folder import FULL_MODEL_DIR, STAGING_ADAPTER, latest_checkpoint
 from .config import TrainConfig
-from .plan import GIB, available_memory, estimate_memory
+from .plan import GIB, available_memory
 from .setup import ModelSetup, TrainingSetup
 
 
@@ -81,18 +81,9 @@ def _write_final_outputs(config: TrainConfig, setup: ModelSetup, out: Path, stat
     return [target]
 
 
-def _reference_bytes(setup: TrainingSetup) -> int:
-    """The frozen reference copy a full-fine-tune DPO run keeps (``train.objectives.frozen_reference``)."""
-    reference = getattr(setup.runner.objective, "reference_model", None)
-    if reference is None:
-        return 0
-    unique = {id(p): p for p in reference.parameters()}.values()  # tied embeddings count once
-    return sum(p.numel() * p.element_size() for p in unique) + sum(b.numel() * b.element_size()
-                                                                   for b in reference.buffers())
-
-
 def print_header(setup: TrainingSetup) -> None:
-    """The run's opening lines on stderr: parameters, the memory plan (and a warning if it may not fit), the plan."""
+    """The run's opening lines on stderr: parameters, the memory plan, the settings chosen (from the data, to fit
+    the memory) and why, the run."""
     config, model = setup.config, setup.model
     try:
         from ..adapters import describe_parameters
@@ -103,13 +94,12 @@ def print_header(setup: TrainingSetup) -> None:
         n_total = sum(p.numel() for p in model.model.parameters())
         print(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / max(1, n_total):.3f}%)",
               file=sys.stderr)
-    plan = memory_plan(setup)
+    plan = setup.plan
     free = available_memory(setup.device)
     per_rank = " per rank" if setup.world.distributed else ""
     print(plan.describe() + per_rank + (f"; {free / GIB:.1f} GiB available" if free else ""), file=sys.stderr)
-    if free and plan.total > free:
-        print("homebake: warning: this run may not fit; lower --batch-size or --max-seq-len, or add "
-              "--gradient-checkpointing", file=sys.stderr)
+    for line in setup.chosen:
+        print(line, file=sys.stderr)
     rows = config.batch_size * setup.world.world_size
     print(f"{config.method} on {setup.device.type} in {str(setup.compute_dtype).replace('torch.', '')}; "
           f"{setup.data_summary}; {setup.stream.batches_per_epoch} batches/epoch of {rows} rows; "
@@ -118,22 +108,3 @@ def print_header(setup: TrainingSetup) -> None:
         print(f"{setup.world.describe()}, {setup.strategy.upper()}: {config.batch_size} rows per rank x "
               f"{setup.world.world_size} ranks x {config.grad_accum} accumulation = {rows * config.grad_accum} "
               "rows per optimizer step (global batch)", file=sys.stderr)
-
-
-def memory_plan(setup: TrainingSetup):
-    """The planner's estimate for this run; per rank when several share it (the planner's ``world_size`` and
-    ``fsdp`` arguments, where it takes them: FSDP2 divides the sharded parts by the ranks)."""
-    config, model, args = setup.config, setup.model, setup.model.loaded.args
-    options = dict(
-        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_layers=args.num_hidden_layers, vocab_size=args.vocab_size,
-        tokens_per_micro_batch=config.batch_size * config.data.max_seq_len,
-        activation_bytes=torch.finfo(setup.compute_dtype).bits // 8,
-        gradient_checkpointing=config.gradient_checkpointing,
-        adapter_dropout=config.method != "full" and config.lora.dropout > 0,
-        head_chunk_rows=setup.runner.chunk_rows, reference_bytes=_reference_bytes(setup))
-    accepted = inspect.signature(estimate_memory).parameters
-    if setup.world.distributed and "world_size" in accepted:
-        options.update(world_size=setup.world.world_size, fsdp=setup.strategy == "fsdp")
-    # FSDP2 parameters are DTensors here: numel() is the whole tensor's, their storage this rank's shard
-    return estimate_memory(model.model, **options)

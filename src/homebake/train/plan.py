@@ -1,18 +1,27 @@
 """An up-front memory estimate, so a run that will not fit says so before loading data for an hour.
 
-The estimate is deliberately simple: exact sizes for weights, gradients and AdamW state, and a
-per-token activation count for a Llama-style block (what autograd keeps for backward: norms, the
-q/k/v/o and MLP inputs/outputs, and the adapters' dropout copies), plus the LM-head chunk.
+Exact sizes for weights, gradients and AdamW state; a per-token activation count for a Llama-style block (what
+autograd keeps for backward: norms, the q/k/v/o and MLP inputs/outputs, the fused LoRA's 1-byte dropout masks);
+the LM-head chunk; and, on a CPU, what the process itself costs (Python, torch, the tokenizer) plus what glibc's
+heap holds beyond the live activations without checkpointing (with checkpointing the allocator is set to hand
+large blocks back: ``train/allocator.py``). Both CPU terms are measured (see docs/train.md, "memory plan").
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 
 GIB = 1024 ** 3
+# Measured on the CPU (docs/train.md): the interpreter with torch and homebake imported and a tokenizer loaded,
+# and the peak RSS of non-checkpointed steps over the live activations this plan counts.
+CPU_PROCESS_BYTES = int(0.30 * GIB)
+CPU_HEAP_FACTOR = 1.40
+# ... and, with checkpointing (whose small, short-lived tensors stay in glibc's arenas), a constant on top.
+CPU_CHECKPOINT_BYTES = int(0.20 * GIB)
 
 
 @dataclass
@@ -24,19 +33,49 @@ class MemoryPlan:
     activations: int
     loss_head: int
     reference_weights: int = 0  # full-fine-tune DPO: the frozen copy of the starting weights
+    process: int = 0  # CPU: the interpreter, torch and the tokenizer (0 on GPUs: not device memory)
+    loading: int = 0  # the peak while the weights are read and converted, process included (see loading_bytes)
+
+    @property
+    def training(self) -> int:
+        return (self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer_state
+                + self.activations + self.loss_head + self.reference_weights + self.process)
 
     @property
     def total(self) -> int:
-        return (self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer_state
-                + self.activations + self.loss_head + self.reference_weights)
+        return max(self.training, self.loading)
 
     def describe(self) -> str:
         parts = [("frozen weights", self.frozen_weights), ("trainable weights", self.trainable_weights),
                  ("gradients", self.gradients), ("AdamW state", self.optimizer_state),
                  ("activations", self.activations), ("LM head chunk", self.loss_head),
-                 ("DPO reference", self.reference_weights)]
+                 ("DPO reference", self.reference_weights), ("process", self.process)]
         listed = ", ".join(f"{name} {size / GIB:.2f}" for name, size in parts if size)
+        if self.loading > self.training:
+            listed = f"loading the weights {self.loading / GIB:.2f}; training {self.training / GIB:.2f}: {listed}"
         return f"estimated peak memory {self.total / GIB:.2f} GiB ({listed})"
+
+
+def loading_bytes(*, source_kind: str, parameters: int, largest_tensor: int, file_bytes: int,
+                  storage_bytes: int, quantised_bytes: int = 0, device_type: str = "cpu") -> int:
+    """The peak while ``model.load`` reads the weights (``parameters`` elements, ``largest_tensor`` the biggest
+    tensor's) into tensors of ``storage_bytes`` per element: a GGUF is dequantised to float32 whole while its
+    file is mapped (plus one float32 tensor of temporaries), then cast tensor
+    by tensor; safetensors are read, then converted tensor by tensor. CPU and MPS only: a CUDA load stages on the
+    host, so device memory never holds more than the converted weights (counted in the training part).
+    QLoRA (``quantised_bytes``: the frozen base once quantised) then reads every converted weight while the NF4
+    copy is built: a safetensors file's mapped pages all become resident."""
+    if device_type not in ("cpu", "mps"):
+        return 0
+    if source_kind == "gguf":
+        held = parameters * 4 + file_bytes + largest_tensor * 4
+        converted = parameters * storage_bytes
+    else:
+        held = max(file_bytes, parameters * storage_bytes) + largest_tensor * storage_bytes
+        converted = file_bytes if storage_bytes * parameters <= file_bytes else parameters * storage_bytes
+    if quantised_bytes:
+        held = max(held, converted + quantised_bytes)
+    return CPU_PROCESS_BYTES + held
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -61,7 +100,11 @@ def estimate_memory(
     adapter_dropout: bool,
     head_chunk_rows: int,
     reference_bytes: int = 0,
+    device_type: str = "cpu",
+    kv_size: int | None = None,
+    dora: bool = False,
 ) -> MemoryPlan:
+    """``kv_size``: the k/v projections' output width (key-value heads x head dim; default ``hidden_size``)."""
     frozen = trainable = 0
     seen: set[int] = set()
     for param in model.parameters():
@@ -73,15 +116,25 @@ def estimate_memory(
         else:
             frozen += tensor_bytes(param)
     frozen += sum(tensor_bytes(b) for b in model.buffers())
-    h, i = hidden_size, intermediate_size
-    per_layer_elements = 10 * h + 4 * i + ((6 * h + i) if adapter_dropout else 0)
-    if gradient_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
-        per_token = num_layers * h + per_layer_elements
+    h, i, kv = hidden_size, intermediate_size, kv_size or hidden_size
+    projection_inputs, projection_outputs = 6 * h + i, 3 * h + 2 * kv + 2 * i  # summed over the 7 projections
+    per_layer_bytes = (10 * h + 4 * i) * activation_bytes
+    if adapter_dropout:  # the keep masks: 1 byte per input element of each of the 7 projections
+        per_layer_bytes += projection_inputs
+    if dora:  # unfused: the adapter's input and, per output, the base and the fp32 direction terms it scales
+        per_layer_bytes += projection_inputs * activation_bytes + projection_outputs * (activation_bytes + 4)
+    if gradient_checkpointing:  # each layer keeps its input; one layer is recomputed, with its gradients, at a time
+        per_token = num_layers * h * activation_bytes + 2 * per_layer_bytes
     else:
-        per_token = num_layers * per_layer_elements
-    activations = tokens_per_micro_batch * per_token * activation_bytes
+        per_token = num_layers * per_layer_bytes
+    activations = tokens_per_micro_batch * per_token
+    on_cpu = device_type in ("cpu", "mps")  # unified memory: the process's RSS is what counts
+    if device_type == "cpu":  # glibc's heap (train/allocator.py)
+        activations = CPU_CHECKPOINT_BYTES + activations if gradient_checkpointing \
+            else int(activations * CPU_HEAP_FACTOR)
     head = head_chunk_rows * vocab_size * 4 * 2  # fp32 logits and their gradient for one chunk
-    return MemoryPlan(frozen, trainable, trainable, 2 * trainable, activations, head, reference_bytes)
+    return MemoryPlan(frozen, trainable, trainable, 2 * trainable, activations, head, reference_bytes,
+                      CPU_PROCESS_BYTES if on_cpu else 0)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -100,3 +153,57 @@ def available_memory(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return None
+
+
+def reference_bytes(objective) -> int:
+    """The frozen reference copy a full-fine-tune DPO run keeps (``train.objectives.frozen_reference``)."""
+    reference = getattr(objective, "reference_model", None)
+    if reference is None:
+        return 0
+    unique = {id(p): p for p in reference.parameters()}.values()  # tied embeddings count once
+    return sum(tensor_bytes(p) for p in unique) + sum(tensor_bytes(b) for b in reference.buffers())
+
+
+def training_plan(config, model_setup, *, device_type: str, compute_dtype: torch.dtype, widest_row: int,
+                  chunk_rows: int, objective=None, rows: int | None = None,
+                  gradient_checkpointing: bool | None = None) -> MemoryPlan:
+    """The plan of a run of ``config`` over the loaded ``model_setup`` (``train.setup.ModelSetup``), whose widest
+    row has ``widest_row`` tokens; ``rows`` and ``gradient_checkpointing`` override the config's (auto-fit tries
+    candidates with them). FSDP2 parameters are DTensors: numel() is the whole tensor's, storage this rank's."""
+    args = model_setup.loaded.args
+    rows = rows if rows is not None else config.batch_size
+    checkpointing = gradient_checkpointing if gradient_checkpointing is not None else bool(
+        config.gradient_checkpointing)
+    adapters = config.method != "full"
+    plan = estimate_memory(
+        model_setup.model, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_layers=args.num_hidden_layers, vocab_size=args.vocab_size, tokens_per_micro_batch=rows * widest_row,
+        activation_bytes=torch.finfo(compute_dtype).bits // 8, gradient_checkpointing=checkpointing,
+        adapter_dropout=adapters and config.lora.dropout > 0, head_chunk_rows=chunk_rows,
+        reference_bytes=reference_bytes(objective), device_type=device_type,
+        kv_size=args.num_key_value_heads * args.head_dim, dora=adapters and config.lora.use_dora)
+    plan.loading = _loading_peak(config, model_setup, device_type, compute_dtype)
+    return plan
+
+
+def _loading_peak(config, model_setup, device_type: str, compute_dtype: torch.dtype) -> int:
+    """``loading_bytes`` for the base weights this run read (a full fine-tune's are all its parameters)."""
+    from ..adapters.nf4 import NF4Weight
+
+    full = config.method == "full"
+    model = model_setup.model
+    unique = {id(p): p for p in model.parameters() if full or not p.requires_grad}.values()
+    sizes = [math.prod(p.shape) for p in unique]
+    sizes += [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]  # QLoRA's base
+    source = model_setup.loaded.source_path
+    files = [source] if source.is_file() else list(source.glob("*.safetensors"))
+    return loading_bytes(source_kind=model_setup.loaded.source_kind, parameters=sum(sizes),
+                         largest_tensor=max(sizes, default=0), file_bytes=sum(f.stat().st_size for f in files),
+                         storage_bytes=4 if full else torch.finfo(compute_dtype).bits // 8,
+                         quantised_bytes=_frozen_bytes(model) if config.method == "qlora" else 0,
+                         device_type=device_type)
+
+
+def _frozen_bytes(model: torch.nn.Module) -> int:
+    unique = {id(p): p for p in model.parameters() if not p.requires_grad}.values()
+    return sum(tensor_bytes(p) for p in unique) + sum(tensor_bytes(b) for b in model.buffers())

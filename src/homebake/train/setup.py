@@ -31,11 +31,15 @@ from ..errors import ConfigError
 from ..fsutil import recover_interrupted_replace
 from ..run_folder import CHECKPOINTS, FULL_MODEL_DIR, latest_checkpoint, leftovers, previous_run_files
 from ..run_lock import RunLock
+from .allocator import return_large_blocks
 from .checkpoint import TrainerState, load_checkpoint
 from .config import TrainConfig
-from .data_stream import BatchStream, evaluation_batches
+from .data_stream import BatchStream, evaluation_batches, widest_row
+from .defaults import resolve_epochs, resolve_max_seq_len
 from .distributed import SINGLE, ShardedState, World, init_world, step_runner, strategy_for
-from .loss import lm_head
+from .fit import fit_to_memory, memory_budget
+from .loss import default_chunk_rows, lm_head
+from .plan import MemoryPlan, available_memory, training_plan
 from .schedule import LRSchedule
 from .step import StepRunner
 
@@ -135,21 +139,22 @@ def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.
         for param in trainable.values():
             if param.dtype != torch.float32:
                 param.data = param.data.float()
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing:  # None: auto-fit decides after the data is read (train.fit)
         model.gradient_checkpointing = True
     model.train()
     return ModelSetup(loaded, model, trainable, head_weight_of(model))
 
 
-def load_examples(config: TrainConfig, tokenizer) -> tuple[list, list, str]:
-    """Training and validation examples (encoded, with loss masks) and a one-line summary."""
+def load_examples(config: TrainConfig, tokenizer, context: int | None = None) -> tuple[list, list, str]:
+    """Training and validation examples (encoded, with loss masks) and a one-line summary; ``context`` (the
+    model's) caps the examples kept when max_seq_len is unset."""
     from ..data import prepare_dataset
 
     data = config.data
     if not data.paths:
         raise ConfigError("no training data given", where="data.paths",
                           fix="pass --data FILE.jsonl (or set data: {paths: [...]} in the config file)")
-    prepared = prepare_dataset(data, tokenizer)
+    prepared = prepare_dataset(data, tokenizer, context=context)
     if not prepared.train:
         reasons = ", ".join(f"{n} {kind}" for kind, n in prepared.skip_counts().most_common(3)) or "no examples"
         raise ConfigError(f"no usable training example ({reasons})", where=f"data {', '.join(data.paths)}",
@@ -214,6 +219,8 @@ class TrainingSetup:
     world: World = field(default_factory=World)  # this process's rank in the job (world size 1: alone)
     strategy: str | None = None  # None (one process), "ddp" or "fsdp"
     sharded: ShardedState | None = None  # FSDP2: the weights and optimizer as shards (checkpoints, final model)
+    chosen: list[str] = field(default_factory=list)  # settings chosen (from the data, to fit), with why: the header
+    plan: MemoryPlan | None = None  # the memory plan of the settings chosen (per rank when several share the job)
 
 
 def setup_training(config: TrainConfig) -> TrainingSetup:
@@ -251,18 +258,43 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock | None, world: World,
 
     model = build_model(config, device, compute_dtype)
     tokenizer = model.loaded.tokenizer
-    train_examples, val_examples, data_summary = load_examples(config, tokenizer)
+    context = model.loaded.args.max_position_embeddings
+    train_examples, val_examples, data_summary = load_examples(config, tokenizer, context)
     objective = _objective_for(config, model, compute_dtype, train_examples + val_examples)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        config.save(out)
-
+    length = resolve_max_seq_len(config, train_examples + val_examples, context)
+    chosen = [f"chosen from the data: {length}" if length else None]
     data = config.data
+    widest = widest_row(train_examples + val_examples, max_seq_len=data.max_seq_len, packing=data.packing)
+
+    def plan_for(rows: int, checkpointing: bool):
+        return training_plan(config, model, device_type=device.type, compute_dtype=compute_dtype,
+                             widest_row=widest, chunk_rows=config.loss_chunk_rows
+                             or default_chunk_rows(model.loaded.args.vocab_size), objective=objective, rows=rows,
+                             gradient_checkpointing=checkpointing)
+
+    def fit():  # rank 0 decides for every rank (their memory may differ; the batch shape must not)
+        budget, budget_text = memory_budget(config.memory_limit, available_memory(device))
+        reason = fit_to_memory(config, plan_for, budget, budget_text)
+        return config.batch_size, config.grad_accum, config.gradient_checkpointing, reason
+
+    config.batch_size, config.grad_accum, config.gradient_checkpointing, reason = world.run_on_main(fit)
+    chosen.append(f"fitted to memory: {reason}")
+    plan = plan_for(config.batch_size, config.gradient_checkpointing)
+    if config.gradient_checkpointing:
+        model.model.gradient_checkpointing = True
+        if device.type == "cpu":
+            return_large_blocks()  # else glibc's heap keeps what checkpointing frees (see train/allocator.py)
+
     batching = dict(batch_size=config.batch_size, max_seq_len=data.max_seq_len,
                     pad_token_id=tokenizer.pad_token_id, packing=data.packing, rank=world.rank,
                     world_size=world.world_size)
     stream = BatchStream(train_examples, seed=data.seed, **batching)
     eval_batches = evaluation_batches(val_examples, limit=config.eval_batches, **batching)
+    epochs = resolve_epochs(config, stream.batches_per_epoch)
+    chosen.append(f"chosen from the data: {epochs}" if epochs else None)
+    if world.is_main:  # after the data-derived defaults, so config.yaml (the --resume base) holds them
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out)
     micro_budget = math.ceil(config.epochs * stream.batches_per_epoch)
     total_steps = config.max_steps or math.ceil(micro_budget / config.grad_accum)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total_steps)
@@ -280,4 +312,4 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock | None, world: World,
         state = resume_from_checkpoint(resume_from, model, optimizer, stream, world, sharded)
     return TrainingSetup(config, out, device, compute_dtype, model, data_summary, stream, eval_batches,
                          total_steps, None if config.max_steps else micro_budget, schedule, optimizer, runner,
-                         state, resume_from, lock, world, strategy, sharded)
+                         state, resume_from, lock, world, strategy, sharded, [c for c in chosen if c], plan)

@@ -1,0 +1,111 @@
+"""The memory plan against measurement: `homebake train` runs a few real steps (and its evaluation pass) in a
+subprocess per configuration, and the peak RSS the kernel reports for that process (wait4, not homebake's own
+number) must be within 15% of the plan the run printed -- on the default model and on a random-weight model
+with a ~1B Llama configuration. Because it runs the real step, the plan has to keep up when the step changes.
+The table is printed (pytest -s) and recorded in docs/train.md ("memory plan")."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from train_helpers import write_chat_jsonl
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+EXTRACT = ROOT / "examples" / "extract" / "train.jsonl"
+TOLERANCE = 0.15
+# Llama 3.2 1B's shape with SmolLM2's vocabulary: 1.07B parameters
+ONE_B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+         "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+         "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+         "rope_theta": 500000.0, "tie_word_embeddings": True, "hidden_act": "silu", "torch_dtype": "bfloat16",
+         "bos_token_id": 0, "eos_token_id": 0}
+
+DEFAULT_MODEL_RUNS = [
+    ("lora", ["--batch-size", "8", "--max-seq-len", "256"]),
+    ("lora, checkpointing", ["--batch-size", "1", "--max-seq-len", "2048", "--gradient-checkpointing"]),
+    ("lora fp32, checkpointing", ["--batch-size", "2", "--max-seq-len", "2048", "--precision", "fp32",
+                                  "--gradient-checkpointing"]),
+    ("dora", ["--method", "dora", "--batch-size", "2", "--max-seq-len", "256"]),
+    ("qlora, checkpointing", ["--method", "qlora", "--batch-size", "2", "--max-seq-len", "256",
+                              "--gradient-checkpointing"]),
+    ("full", ["--method", "full", "--batch-size", "2", "--max-seq-len", "256"]),
+    ("full, checkpointing", ["--method", "full", "--batch-size", "1", "--max-seq-len", "2048",
+                             "--gradient-checkpointing"]),
+]
+ONE_B_RUNS = [
+    ("lora", ["--batch-size", "1", "--max-seq-len", "256"]),
+    ("qlora, checkpointing", ["--method", "qlora", "--batch-size", "1", "--max-seq-len", "256",
+                              "--gradient-checkpointing"]),
+]
+
+
+def save_random_1b(folder: Path) -> Path:
+    """A ~1B Llama folder with random bf16 weights (built tensor by tensor) and a byte-level tokenizer."""
+    from tiny_models import save_byte_tokenizer
+
+    from homebake.model.args import ModelArgs
+    from homebake.model.families import build_causal_lm
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(ONE_B))
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in build_causal_lm(ModelArgs.from_hf_config(ONE_B)).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: (torch.ones(shape) if name.endswith("norm.weight")
+                      else torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+               for name, shape in shapes.items()}
+    save_file(weights, str(folder / "model.safetensors"))
+    save_byte_tokenizer(folder)
+    return folder
+
+
+def planned_and_measured(model: Path | None, data: Path, out: Path, extra: list[str]) -> tuple[float, float]:
+    argv = [sys.executable, "-m", "homebake", "train", "--data", str(data), "--out", str(out), "--max-steps", "2",
+            "--eval-every", "2", "--eval-batches", "2", "--no-progress", *extra]
+    if model is not None:
+        argv += ["--model", str(model)]
+    env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = str(ROOT / "src")  # all cores, as a user's run (the tests' one-thread setting is not it)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, whatever ran before it
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, output[-3000:]
+    planned = float(re.search(r"estimated peak memory ([0-9.]+) GiB", output).group(1))
+    return planned, usage.ru_maxrss * 1024 / 1024 ** 3
+
+
+def check(rows: list[tuple[str, float, float]], title: str) -> None:
+    lines = [f"{name}: planned {p:.2f} GiB, measured {m:.2f} GiB ({(p - m) / m:+.0%})" for name, p, m in rows]
+    print(f"memory plan, {title}:", *lines, sep="\n  ")
+    wrong = [line for (name, p, m), line in zip(rows, lines) if abs(p - m) > TOLERANCE * m]
+    assert not wrong, lines
+
+
+def test_the_plan_matches_the_measured_peak_on_the_default_model(default_gguf, tmp_path):
+    rows = []
+    for index, (name, extra) in enumerate(DEFAULT_MODEL_RUNS):
+        planned, measured = planned_and_measured(None, EXTRACT, tmp_path / f"run{index}", extra)
+        rows.append((name, planned, measured))
+    check(rows, "default model (SmolLM2-135M Q4_1 GGUF)")
+
+
+def test_the_plan_matches_the_measured_peak_on_a_1b_llama(tmp_path):
+    model = save_random_1b(tmp_path / "llama-1b")
+    data = write_chat_jsonl(tmp_path / "chats.jsonl", 200)
+    rows = []
+    for index, (name, extra) in enumerate(ONE_B_RUNS):
+        planned, measured = planned_and_measured(model, data, tmp_path / f"run{index}", extra)
+        rows.append((name, planned, measured))
+    check(rows, "random ~1B Llama (bf16 safetensors)")
