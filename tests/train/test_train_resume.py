@@ -96,3 +96,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tiny_model_dir, 
     code, _, stderr = finish(start("--out", out, "--resume"))
     assert code == 0, stderr[-3000:]
     assert_same_run(out, reference)
+
+
+def test_resume_finishes_a_prune_the_kill_interrupted(tiny_model_dir, tiny_data, tmp_path, reference):
+    """Killed after the last checkpoint was written but before the oldest was pruned: resume keeps --keep-last."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    kept = [step for step, _ in list_checkpoints(reference)]
+    shutil.copytree(out / "checkpoints" / f"step-{kept[-1]:08d}", out / "checkpoints" / f"step-{kept[0] - 1:08d}")
+    code, _, stderr = finish(start("--out", out, "--resume"))
+    assert code == 0, stderr[-3000:]
+    assert [step for step, _ in list_checkpoints(out)] == kept
+    assert_same_run(out, reference)

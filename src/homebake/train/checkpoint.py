@@ -260,10 +260,14 @@ class Checkpointer:
         extra = self._adapter_copy if self.write_adapter is not None else None
         path = save_checkpoint(self.out, state, self.trainable, self.optimizer, extra_files=extra,
                                world=self.world, sharded=self.sharded)
-        if self.world.is_main:
-            prune_checkpoints(self.out, self.policy.keep_last, state.best_step)
+        self.prune(state)
         self.last_saved = state.step
         return path
+
+    def prune(self, state: TrainerState) -> None:
+        """Keep the last ``keep_last`` checkpoints and the best one."""
+        if self.world.is_main:
+            prune_checkpoints(self.out, self.policy.keep_last, state.best_step)
 
     def _adapter_copy(self, folder: Path) -> None:
         self.write_adapter(folder / "adapter")

@@ -236,6 +236,8 @@ def _train(config: TrainConfig, setup) -> TrainResult:
     checkpointer = Checkpointer(out, model.trainable, setup.optimizer, setup.stream,
                                 CheckpointPolicy.from_config(config), write_adapter=adapter_writer(config, model),
                                 last_saved=state.step if resumed else -1, world=world, sharded=setup.sharded)
+    if resumed:
+        checkpointer.prune(state)  # a kill between the save and its prune left one too many
     metrics_log = MetricsLog(out, resume_step=state.step if resumed else None) if world.is_main else _Unlogged()
     with metrics_log as metrics:
         outcome = run_loop(
