@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "homebake.commands.generate",
     "homebake.commands.data",
     "homebake.commands.train",
+    "homebake.commands.plan",
     "homebake.commands.evaluate",
     "homebake.commands.export",
     "homebake.commands.merge",

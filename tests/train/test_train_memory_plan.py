@@ -34,7 +34,7 @@ ONE_B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_s
 DEFAULT_MODEL_RUNS = [
     ("lora", ["--batch-size", "8", "--max-seq-len", "256"]),
     ("lora, checkpointing", ["--batch-size", "1", "--max-seq-len", "2048", "--gradient-checkpointing"]),
-    ("lora fp32, checkpointing", ["--batch-size", "2", "--max-seq-len", "2048", "--precision", "fp32",
+    ("lora fp32, checkpointing", ["--batch-size", "2", "--max-seq-len", "1024", "--precision", "fp32",
                                   "--gradient-checkpointing"]),
     ("dora", ["--method", "dora", "--batch-size", "2", "--max-seq-len", "256"]),
     ("qlora, checkpointing", ["--method", "qlora", "--batch-size", "2", "--max-seq-len", "256",
@@ -109,3 +109,14 @@ def test_the_plan_matches_the_measured_peak_on_a_1b_llama(tmp_path):
         planned, measured = planned_and_measured(model, data, tmp_path / f"run{index}", extra)
         rows.append((name, planned, measured))
     check(rows, "random ~1B Llama (bf16 safetensors)")
+
+
+def test_a_run_fitted_to_a_small_memory_limit_stays_under_it(default_gguf, tmp_path):
+    """Only --data and a limit the default 8 rows would exceed: auto-fit chooses fewer rows (or checkpointing) and
+    the measured peak stays under the limit."""
+    limit = 2.5
+    planned, measured = planned_and_measured(None, EXTRACT, tmp_path / "run", ["--memory-limit", f"{limit}GB",
+                                                                              "--max-seq-len", "2048"])
+    header = (tmp_path / "run" / "config.yaml").read_text()
+    assert "batch_size: 8\n" not in header  # really had to choose something smaller
+    assert planned <= limit and measured <= limit, (planned, measured)

@@ -55,7 +55,10 @@ def run(args) -> int:
         summary += f", validation loss {result.val_loss:.4f} (best {result.best_val_loss:.4f} at step {result.best_step})"
     if result.tokens_per_s:
         summary += f", {result.tokens_per_s:.0f} tokens/s"
-    planned = f" (planned {result.planned_gib:.2f} GiB)" if result.planned_gib is not None else ""
+    planned = ""
+    if result.planned_gib is not None:
+        bound = f"; at most {result.bound_gib:.2f} GiB over a long run" if result.bound_gib > result.planned_gib else ""
+        planned = f" (planned {result.planned_gib:.2f} GiB{bound})"
     summary += f", peak memory {result.peak_memory_gib:.2f} GiB{planned}; outputs in {result.out_dir}"
     print(summary)
     return 130 if result.stopped == "interrupted" else 0

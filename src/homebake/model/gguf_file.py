@@ -158,6 +158,20 @@ def read_gguf(path: str | Path) -> GGUFContents:
     return GGUFContents(path=path, metadata=metadata, tensors=tensors, tensor_types=tensor_types)
 
 
+def read_gguf_shapes(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metadata and, per tensor, an object with its ``shape`` (PyTorch order), without dequantising any;
+    ``rope_freqs`` (a few floats whose values are part of the architecture) is read as an array."""
+    from types import SimpleNamespace
+
+    reader, metadata = _open(Path(path))
+    shapes: dict[str, Any] = {}
+    for tensor in reader.tensors:
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        shapes[tensor.name] = (np.array(tensor.data, dtype=np.float32).reshape(shape) if tensor.name == "rope_freqs.weight"
+                               else SimpleNamespace(shape=shape))
+    return metadata, shapes
+
+
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """Only the metadata (plain Python values); tensors are not read."""
     return _open(Path(path))[1]

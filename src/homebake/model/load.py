@@ -90,8 +90,8 @@ def _read_hf_config(folder: Path) -> ModelArgs:
     return _read_hf_config_dict(folder)[0]
 
 
-def _read_hf_config_dict(folder: Path) -> tuple[ModelArgs, dict]:
-    config_path = folder / "config.json"
+def _read_hf_config_dict(folder: Path, config_path: Path | None = None) -> tuple[ModelArgs, dict]:
+    config_path = config_path or folder / "config.json"
     if not config_path.is_file():
         found = sorted(p.name for p in folder.glob("*.gguf"))
         fix = (f"pass the .gguf file itself, e.g. {folder / found[0]}" if found
@@ -283,6 +283,21 @@ def build_model(checkpoint: _Checkpoint, *, dtype: torch.dtype, device: str | to
     state = {name: source.pop(name).to(device=device, dtype=dtype) for name in list(source)}  # one copy at a time
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def read_model_args(source: str | os.PathLike | None) -> tuple[ModelArgs, Path, str]:
+    """(architecture, path, kind) without reading a weight: a model folder's or a ``config.json`` file's
+    configuration, or a GGUF's metadata and tensor shapes (the memory planner needs no more)."""
+    given = Path(source).expanduser() if source is not None else None
+    if given is not None and given.is_file() and given.suffix.lower() == ".json":
+        return _read_hf_config_dict(given.parent, given)[0], given.parent, "hf"
+    path, kind = resolve_source(source)
+    if kind == "gguf":
+        from .gguf_file import read_gguf_shapes
+
+        metadata, shapes = read_gguf_shapes(path)
+        return _parse_args(lambda: ModelArgs.from_gguf_metadata(metadata, shapes, where=str(path)), path), path, kind
+    return _read_hf_config(path), path, kind
 
 
 def load_state_dict(source: str | os.PathLike | None) -> dict[str, torch.Tensor]:

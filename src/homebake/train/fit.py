@@ -33,7 +33,7 @@ def memory_budget(limit: str | None, available: int | None) -> tuple[int | None,
     """The bytes this run may use, and how they were set (for the header and the errors)."""
     if limit:
         budget = parse_memory(limit)
-        return budget, f"the --memory-limit of {budget / GIB:.1f} GiB"
+        return budget, f"the --memory-limit of {limit} ({budget / GIB:.2f} GiB)"
     if available is None:
         return None, "unknown available memory"
     return int(available * MEMORY_SHARE), f"{MEMORY_SHARE:.0%} of the {available / GIB:.1f} GiB available"
@@ -41,12 +41,12 @@ def memory_budget(limit: str | None, available: int | None) -> tuple[int | None,
 
 def fit_to_memory(config, plan_for: Callable[[int, bool], MemoryPlan], budget: int | None, budget_text: str) -> str:
     """Set ``config.batch_size``, ``grad_accum`` and ``gradient_checkpointing`` where unset so that
-    ``plan_for(rows, checkpointing).total`` fits ``budget``; returns the header line saying what and why."""
+    ``plan_for(rows, checkpointing).bound`` (the peak over the whole run) fits ``budget``; returns the header line saying what and why."""
     rows_given, checkpointing_given = config.batch_size, config.gradient_checkpointing
     per_step = (rows_given or DEFAULT_ROWS) * config.grad_accum
     row_choices = [rows_given] if rows_given else [r for r in (8, 4, 2, 1) if per_step % r == 0]
     checkpointing_choices = [checkpointing_given] if checkpointing_given is not None else [False, True]
-    tried = [(rows, checkpointing, plan_for(rows, checkpointing).total)
+    tried = [(rows, checkpointing, plan_for(rows, checkpointing).bound)
              for checkpointing in checkpointing_choices for rows in row_choices]
     fitting = [t for t in tried if budget is None or t[2] <= budget]
     if not fitting:
@@ -56,32 +56,42 @@ def fit_to_memory(config, plan_for: Callable[[int, bool], MemoryPlan], budget: i
     config.batch_size, config.gradient_checkpointing = rows, checkpointing
     if not rows_given:
         config.grad_accum = per_step // rows
-    shape = f"{rows} rows x {config.grad_accum} accumulation, checkpointing {'on' if checkpointing else 'off'}"
+    shape = f"{_rows(rows)} x {config.grad_accum} accumulation, checkpointing {'on' if checkpointing else 'off'}"
     if budget is None:
         return f"{shape} (the available memory is unknown: not checked)"
-    why = f"plan {total / GIB:.2f} GiB within {budget_text}"
+    why = f"plan {total / GIB:.2f} GiB over the run within {budget_text}"
     if (rows, checkpointing) != tried[0][:2]:
         first = tried[0]
-        why += (f"; {first[0]} rows{' with checkpointing' if first[1] else ''} would need "
+        why += (f"; {_rows(first[0])}{' with checkpointing' if first[1] else ''} would need "
                 f"{first[2] / GIB:.2f} GiB")
     return f"{shape}: {why}"
 
 
 def _nothing_fits(config, plan_for, budget: int, budget_text: str, tried) -> str:
     rows, checkpointing, total = min(tried, key=lambda t: t[2])
-    return (f"this run needs at least {total / GIB:.2f} GiB ({rows} rows per micro-batch, checkpointing "
-            f"{'on' if checkpointing else 'off'}), more than {budget_text}")
+    plan = plan_for(rows, checkpointing)
+    what = "loading the weights" if plan.loading >= plan.bound else \
+        f"{_rows(rows)} per micro-batch, checkpointing {'on' if checkpointing else 'off'}"
+    return f"this run needs at least {total / GIB:.2f} GiB ({what}), more than {budget_text}"
+
+
+def _rows(n: int) -> str:
+    return f"{n} row{'s' if n != 1 else ''}"
 
 
 def _what_would_fit(config, plan_for, budget: int) -> str:
     """The settings that would fit, relaxing the explicit ones (the smallest micro-batch, checkpointing)."""
-    smallest = plan_for(1, True).total
+    smallest = plan_for(1, True).bound
     if smallest <= budget:
         explicit = [flag for flag, value in (("--batch-size", config.batch_size),
                                              ("--no-gradient-checkpointing", config.gradient_checkpointing is False))
                     if value]
         return (f"--batch-size 1 --gradient-checkpointing fits ({smallest / GIB:.2f} GiB)"
                 + (f"; drop {' and '.join(explicit)}" if explicit else ""))
-    hints = ["--max-seq-len lower", "--method qlora" if config.method != "qlora" else None,
-             "a smaller model", "--memory-limit higher if more memory is free"]
+    plan = plan_for(1, True)
+    if plan.loading >= plan.bound:
+        hints = ["a smaller model", "a model saved as bf16 safetensors (read without a float32 copy)"]
+    else:
+        hints = ["--max-seq-len lower", "--method qlora" if config.method != "qlora" else None, "a smaller model"]
+    hints.append("--memory-limit higher if more memory is free")
     return f"even 1 row with checkpointing needs {smallest / GIB:.2f} GiB: try " + ", ".join(h for h in hints if h)

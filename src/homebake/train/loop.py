@@ -63,6 +63,7 @@ class TrainResult:
     is_main: bool = True  # rank 0 (or the only process): the one that reports
     peak_memory_gib: float | None = None  # what the plan predicts (device memory on CUDA, else peak RSS)
     planned_gib: float | None = None  # the memory plan's total (per rank)
+    bound_gib: float | None = None  # ... and its bound over a long run (CPU heap growth)
 
 
 @dataclass
@@ -267,4 +268,5 @@ def _train(config: TrainConfig, setup) -> TrainResult:
     return TrainResult(out, state.step, stopped, outcome.last_loss, state.val_loss, state.best_val_loss,
                        state.best_step, outcome.tokens / outcome.seconds if outcome.seconds else 0.0,
                        peak_rss_bytes() / GIB, world.is_main, peak_memory_bytes(setup.device) / GIB,
-                       setup.plan.total / GIB if setup.plan is not None else None)
+                       setup.plan.total / GIB if setup.plan is not None else None,
+                       setup.plan.bound / GIB if setup.plan is not None else None)

@@ -39,7 +39,7 @@ from .defaults import resolve_epochs, resolve_max_seq_len
 from .distributed import SINGLE, ShardedState, World, init_world, step_runner, strategy_for
 from .fit import fit_to_memory, memory_budget
 from .loss import default_chunk_rows, lm_head
-from .plan import MemoryPlan, available_memory, training_plan
+from .plan import MemoryPlan, available_memory, training_plan, weight_file_bytes
 from .schedule import LRSchedule
 from .step import StepRunner
 
@@ -265,11 +265,14 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock | None, world: World,
     chosen = [f"chosen from the data: {length}" if length else None]
     data = config.data
     widest = widest_row(train_examples + val_examples, max_seq_len=data.max_seq_len, packing=data.packing)
+    file_bytes = weight_file_bytes(model.loaded.source_path)
 
     def plan_for(rows: int, checkpointing: bool):
-        return training_plan(config, model, device_type=device.type, compute_dtype=compute_dtype,
+        loaded = model.loaded
+        return training_plan(config, model.model, loaded.args, source_kind=loaded.source_kind,
+                             file_bytes=file_bytes, device_type=device.type, compute_dtype=compute_dtype,
                              widest_row=widest, chunk_rows=config.loss_chunk_rows
-                             or default_chunk_rows(model.loaded.args.vocab_size), objective=objective, rows=rows,
+                             or default_chunk_rows(loaded.args.vocab_size), objective=objective, rows=rows,
                              gradient_checkpointing=checkpointing)
 
     def fit():  # rank 0 decides for every rank (their memory may differ; the batch shape must not)
