@@ -116,7 +116,7 @@ def test_a_run_fitted_to_a_small_memory_limit_stays_under_it(default_gguf, tmp_p
     the measured peak stays under the limit."""
     limit = 2.5
     planned, measured = planned_and_measured(None, EXTRACT, tmp_path / "run", ["--memory-limit", f"{limit}GB",
-                                                                              "--max-seq-len", "2048"])
+                                                                              "--max-seq-len", "512"])
     header = (tmp_path / "run" / "config.yaml").read_text()
     assert "batch_size: 8\n" not in header  # really had to choose something smaller
     assert planned <= limit and measured <= limit, (planned, measured)
