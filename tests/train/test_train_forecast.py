@@ -46,7 +46,7 @@ def test_the_architecture_is_read_without_the_weights(tiny_model_dir, tmp_path):
 
 def test_plan_answers_the_tiers_for_a_3b_config():
     proc = subprocess.run([sys.executable, "-m", "homebake", "plan", "--model",
-                           str(CONFIGS / "Llama-3.2-3B-Instruct.json"), "--memory", "16GB"],
+                           str(CONFIGS / "Llama-3.2-3B-Instruct.json"), "--memory", "16GB", "--precision", "bf16"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

@@ -130,11 +130,13 @@ def test_the_plan_matches_the_measured_peak_on_a_1b_llama(tmp_path):
 
 
 def test_a_run_fitted_to_a_small_memory_limit_stays_under_it(default_gguf, tmp_path):
-    """Only --data and a limit the default 8 rows would exceed: auto-fit chooses fewer rows (or checkpointing) and
-    the measured peak stays under the limit."""
+    """Batch size and checkpointing left unset, a limit the default 8 rows would exceed: auto-fit chooses fewer
+    rows (or checkpointing) and the measured peak stays under the limit."""
     limit = 2.5
     planned, measured = planned_and_measured(None, EXTRACT, tmp_path / "run", ["--memory-limit", f"{limit}GB",
                                                                               "--max-seq-len", "512"])
-    header = (tmp_path / "run" / "config.yaml").read_text()
-    assert "batch_size: 8\n" not in header  # really had to choose something smaller
+    import yaml
+
+    chosen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert chosen["batch_size"] < 8 or chosen["gradient_checkpointing"]  # it really had to fit
     assert planned <= limit and measured <= limit, (planned, measured)
