@@ -86,3 +86,18 @@ def test_a_run_that_cannot_fit_its_memory_limit_is_refused_in_one_line(tiny_mode
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "more than the --memory-limit of 50MB" in errors[0], proc.stderr
     assert not (out / "config.yaml").exists()  # refused before anything was written
+
+
+def test_a_run_that_cannot_fit_is_refused_before_its_weights_are_read(tiny_model_dir, tiny_data, tmp_path,
+                                                                       monkeypatch):
+    from homebake.model import load
+    from homebake.train.setup import setup_training
+
+    def read_weights(*args, **kwargs):
+        raise AssertionError("the weights were read before the run was fitted")
+
+    monkeypatch.setattr(load, "load_model", read_weights)
+    config = TrainConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), memory_limit="50MB")
+    config.data.paths = [str(tiny_data)]
+    with pytest.raises(ConfigError, match="more than the --memory-limit of 50MB"):
+        setup_training(config)

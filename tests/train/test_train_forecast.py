@@ -36,6 +36,27 @@ def test_the_meta_model_plans_as_the_loaded_model(tiny_model_dir, method, checkp
     assert meta == real
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_meta_model_plans_a_preference_run_as_the_loaded_model(tiny_model_dir, method):
+    """DPO: a full fine-tune keeps a frozen reference copy, which the forecast counts too."""
+    from homebake.train.loss import default_chunk_rows
+    from homebake.train.objectives import build_objective
+    from homebake.train.plan import training_plan
+
+    config = TrainConfig(model=str(tiny_model_dir), method=method, objective="dpo")
+    config.validate()
+    loaded = build_model(config, torch.device("cpu"), torch.float32)
+    args = loaded.loaded.args
+    common = dict(source_kind="hf", file_bytes=weight_file_bytes(tiny_model_dir), device_type="cpu",
+                  compute_dtype=torch.float32, widest_row=96, rows=2)
+    real = training_plan(config, loaded.model, args, chunk_rows=default_chunk_rows(args.vocab_size),
+                         objective=build_objective(config, loaded.model, torch.float32),
+                         gradient_checkpointing=False, **common)
+    meta = forecast(args, config, checkpointing=False, **common)
+    assert meta == real
+    assert (meta.reference_weights > 0) == (method == "full")
+
+
 def test_the_architecture_is_read_without_the_weights(tiny_model_dir, tmp_path):
     args, folder, kind = read_model_args(tiny_model_dir / "config.json")
     assert (folder, kind) == (tiny_model_dir, "hf")

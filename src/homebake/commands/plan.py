@@ -65,18 +65,17 @@ def run(args) -> int:
         dtype = torch.bfloat16
     config = TrainConfig(model=args.model, method=args.method or "lora")
     widest, where = _row_length(args, config, model_args)
-    weights = weight_file_bytes(path) if kind == "gguf" or args.model is None or not str(args.model).endswith(
-        ".json") else 0
-    file_bytes = weights or 2 * parameter_count(model_args)  # only a configuration: as bf16 safetensors
+    count = parameter_count(model_args)
+    weights = weight_file_bytes(path)  # a bare config.json: none beside it
+    file_bytes = weights or 2 * count  # only a configuration: as bf16 safetensors
     local = args.device == "cpu"
     rate = matmul_rate(dtype) if local else None
     common = dict(source_kind=kind, file_bytes=file_bytes, device_type=args.device, compute_dtype=dtype,
                   widest_row=widest)
-    found = options(model_args, config, **common, rows=args.batch_size, rate=rate,
+    found = options(model_args, config, **common, rows=args.batch_size, rate=rate, parameters=count,
                     methods=[args.method] if args.method else METHOD_ORDER)
 
     name = Path(args.model).name if args.model else path.name
-    count = parameter_count(model_args)
     size = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
     stored = "its weight files" if weights else "no weights here: read as bf16 safetensors"
     print(f"{name}: {size} parameters ({kind}, {stored}); {args.batch_size} x {widest}-token rows ({where}); "

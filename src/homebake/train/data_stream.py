@@ -48,6 +48,13 @@ def _batching(examples: Sequence):
     return row_groups, collate
 
 
+def example_tokens(example) -> int:
+    """Tokens an example takes in a row (a preference pair: both sides, packed together)."""
+    if hasattr(example, "rejected"):
+        return len(example.chosen.ids) + len(example.rejected.ids)
+    return len(example.ids)
+
+
 def widest_row(examples: Sequence, rows: Sequence[Sequence[int]] | None = None, max_seq_len: int | None = None, *,
                packing: bool = False) -> int:
     """Tokens in the widest row any micro-batch collates to (each is padded to its widest row), what the memory
@@ -55,9 +62,7 @@ def widest_row(examples: Sequence, rows: Sequence[Sequence[int]] | None = None, 
     depend on the lengths only, not on the batch size or the epoch."""
     if rows is None:
         rows = _batching(examples)[0](examples, max_seq_len=max_seq_len, packing=packing, seed=0, epoch=0)
-    length = (lambda e: len(e.chosen.ids) + len(e.rejected.ids)) if hasattr(examples[0], "rejected") \
-        else (lambda e: len(e.ids))
-    widest = max(sum(length(examples[i]) for i in row) for row in rows)
+    widest = max(sum(example_tokens(examples[i]) for i in row) for row in rows)
     return min(widest, max_seq_len) if max_seq_len else widest
 
 

@@ -11,16 +11,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from .data_stream import example_tokens
+
 # Epochs, when unset: enough passes for at least MIN_AUTO_STEPS optimizer steps, at most MAX_AUTO_EPOCHS.
 MIN_AUTO_STEPS = 60
 MAX_AUTO_EPOCHS = 5
-
-
-def example_tokens(example) -> int:
-    """Tokens an example takes in a row (a preference pair: both sides, packed together)."""
-    if hasattr(example, "rejected"):
-        return len(example.chosen.ids) + len(example.rejected.ids)
-    return len(example.ids)
 
 
 def resolve_max_seq_len(config, examples: Sequence, context: int) -> str | None:

@@ -41,7 +41,8 @@ def memory_budget(limit: str | None, available: int | None) -> tuple[int | None,
 
 def fit_to_memory(config, plan_for: Callable[[int, bool], MemoryPlan], budget: int | None, budget_text: str) -> str:
     """Set ``config.batch_size``, ``grad_accum`` and ``gradient_checkpointing`` where unset so that
-    ``plan_for(rows, checkpointing).bound`` (the peak over the whole run) fits ``budget``; returns the header line saying what and why."""
+    ``plan_for(rows, checkpointing).bound`` (the peak over the whole run) fits ``budget``; returns the header line
+    saying what and why."""
     rows_given, checkpointing_given = config.batch_size, config.gradient_checkpointing
     per_step = (rows_given or DEFAULT_ROWS) * config.grad_accum
     row_choices = [rows_given] if rows_given else [r for r in (8, 4, 2, 1) if per_step % r == 0]
@@ -50,7 +51,7 @@ def fit_to_memory(config, plan_for: Callable[[int, bool], MemoryPlan], budget: i
              for checkpointing in checkpointing_choices for rows in row_choices]
     fitting = [t for t in tried if budget is None or t[2] <= budget]
     if not fitting:
-        raise ConfigError(_nothing_fits(config, plan_for, budget, budget_text, tried), where="memory",
+        raise ConfigError(_nothing_fits(plan_for, budget_text, tried), where="memory",
                           fix=_what_would_fit(config, plan_for, budget))
     rows, checkpointing, total = fitting[0]
     config.batch_size, config.gradient_checkpointing = rows, checkpointing
@@ -67,7 +68,7 @@ def fit_to_memory(config, plan_for: Callable[[int, bool], MemoryPlan], budget: i
     return f"{shape}: {why}"
 
 
-def _nothing_fits(config, plan_for, budget: int, budget_text: str, tried) -> str:
+def _nothing_fits(plan_for, budget_text: str, tried) -> str:
     rows, checkpointing, total = min(tried, key=lambda t: t[2])
     plan = plan_for(rows, checkpointing)
     what = "loading the weights" if plan.loading >= plan.bound else \
@@ -81,14 +82,14 @@ def _rows(n: int) -> str:
 
 def _what_would_fit(config, plan_for, budget: int) -> str:
     """The settings that would fit, relaxing the explicit ones (the smallest micro-batch, checkpointing)."""
-    smallest = plan_for(1, True).bound
+    plan = plan_for(1, True)
+    smallest = plan.bound
     if smallest <= budget:
         explicit = [flag for flag, value in (("--batch-size", config.batch_size),
                                              ("--no-gradient-checkpointing", config.gradient_checkpointing is False))
                     if value]
         return (f"--batch-size 1 --gradient-checkpointing fits ({smallest / GIB:.2f} GiB)"
                 + (f"; drop {' and '.join(explicit)}" if explicit else ""))
-    plan = plan_for(1, True)
     if plan.loading >= plan.bound:
         hints = ["a smaller model", "a model saved as bf16 safetensors (read without a float32 copy)"]
     else:

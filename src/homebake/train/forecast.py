@@ -55,14 +55,17 @@ def meta_model(args, config, storage_dtype: torch.dtype) -> torch.nn.Module:
 
 def forecast(args, config, *, source_kind: str, file_bytes: int, device_type: str, compute_dtype: torch.dtype,
              widest_row: int, rows: int, checkpointing: bool) -> MemoryPlan:
-    """The plan of ``config`` (its method and LoRA settings) for ``rows`` rows of ``widest_row`` tokens."""
+    """The plan of ``config`` (its method, LoRA settings and objective) for ``rows`` rows of ``widest_row``
+    tokens: what ``training_plan`` gives for the loaded model, so a run is fitted before its weights are read."""
     from .loss import default_chunk_rows
+    from .objectives import build_objective
 
     storage = torch.float32 if config.method == "full" else compute_dtype
     model = meta_model(args, config, storage)
     return training_plan(config, model, args, source_kind=source_kind, file_bytes=file_bytes,
                          device_type=device_type, compute_dtype=compute_dtype, widest_row=widest_row,
-                         chunk_rows=config.loss_chunk_rows or default_chunk_rows(args.vocab_size), rows=rows,
+                         chunk_rows=config.loss_chunk_rows or default_chunk_rows(args.vocab_size),
+                         objective=build_objective(config, model, compute_dtype), rows=rows,
                          gradient_checkpointing=checkpointing)
 
 
@@ -93,9 +96,10 @@ def matmul_rate(dtype: torch.dtype, seconds: float = 0.5) -> float:
 
 
 def options(args, base_config, *, source_kind: str, file_bytes: int, device_type: str, compute_dtype: torch.dtype,
-            widest_row: int, rows: int, methods=METHOD_ORDER, rate: float | None = None) -> list[Option]:
-    """Each method with and without checkpointing; ``rate`` (FLOP/s, this machine's) gives the speeds."""
-    parameters = parameter_count(args) if rate else 0
+            widest_row: int, rows: int, methods=METHOD_ORDER, rate: float | None = None,
+            parameters: int = 0) -> list[Option]:
+    """Each method with and without checkpointing; ``rate`` (FLOP/s, this machine's) and ``parameters``
+    (``parameter_count(args)``) give the speeds."""
     found = []
     for method in methods:
         config = replace(base_config, method=method, lora=replace(base_config.lora, use_dora=method == "dora"))
@@ -104,6 +108,6 @@ def options(args, base_config, *, source_kind: str, file_bytes: int, device_type
                             compute_dtype=compute_dtype, widest_row=widest_row, rows=rows,
                             checkpointing=checkpointing)
             speed = rate * STEP_EFFICIENCY[method] / step_flops_per_token(parameters, method, checkpointing) \
-                if rate else None
+                if rate and parameters else None
             found.append(Option(method, checkpointing, plan, speed))
     return found

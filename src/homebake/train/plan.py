@@ -74,19 +74,22 @@ def loading_bytes(*, source_kind: str, parameters: int, largest_tensor: int, fil
                   storage_bytes: int, quantised_bytes: int = 0, device_type: str = "cpu") -> int:
     """The peak while ``model.load`` reads the weights (``parameters`` elements, ``largest_tensor`` the biggest
     tensor's) into tensors of ``storage_bytes`` per element: a GGUF is dequantised to float32 whole while its
-    file is mapped (plus one float32 tensor of temporaries), then cast tensor
-    by tensor; safetensors are read, then converted tensor by tensor. CPU and MPS only: a CUDA load stages on the
-    host, so device memory never holds more than the converted weights (counted in the training part).
-    QLoRA (``quantised_bytes``: the frozen base once quantised) then reads every converted weight while the NF4
-    copy is built: a safetensors file's mapped pages all become resident."""
+    file is mapped (plus one float32 tensor of temporaries), then cast tensor by tensor. Safetensors are mapped:
+    read in the file's own dtype the tensors are the mapped pages; converted (bf16 read as float32), every page
+    read stays resident beside the copies until the last tensor is converted. CPU and MPS only: a CUDA load
+    stages on the host, so device memory never holds more than the converted weights (counted in the training
+    part). QLoRA (``quantised_bytes``: the frozen base once quantised) then reads every converted weight while
+    the NF4 copy is built: a safetensors file's mapped pages all become resident."""
     if device_type not in ("cpu", "mps"):
         return 0
+    converted = parameters * storage_bytes
     if source_kind == "gguf":
         held = parameters * 4 + file_bytes + largest_tensor * 4
-        converted = parameters * storage_bytes
+    elif round(file_bytes / max(parameters, 1)) == storage_bytes:  # stored as it is read: no copy
+        converted = max(file_bytes, converted)
+        held = converted + largest_tensor * storage_bytes
     else:
-        held = max(file_bytes, parameters * storage_bytes) + largest_tensor * storage_bytes
-        converted = file_bytes if storage_bytes * parameters <= file_bytes else parameters * storage_bytes
+        held = file_bytes + converted
     if quantised_bytes:
         held = max(held, converted + quantised_bytes)
     return CPU_PROCESS_BYTES + held
@@ -197,7 +200,8 @@ def training_plan(config, model: torch.nn.Module, args, *, source_kind: str, fil
         adapter_dropout=adapters and config.lora.dropout > 0, head_chunk_rows=chunk_rows,
         reference_bytes=reference_bytes(objective), device_type=device_type,
         kv_size=args.num_key_value_heads * args.head_dim, dora=adapters and config.lora.use_dora)
-    plan.loading = _loading_peak(config, model, source_kind, file_bytes, device_type, compute_dtype)
+    quantised = plan.frozen_weights if config.method == "qlora" else 0
+    plan.loading = _loading_peak(config, model, source_kind, file_bytes, device_type, compute_dtype, quantised)
     return plan
 
 
@@ -208,7 +212,7 @@ def weight_file_bytes(source: Path) -> int:
 
 
 def _loading_peak(config, model: torch.nn.Module, source_kind: str, file_bytes: int, device_type: str,
-                  compute_dtype: torch.dtype) -> int:
+                  compute_dtype: torch.dtype, quantised_bytes: int) -> int:
     """``loading_bytes`` for the base weights this run reads (a full fine-tune's are all its parameters)."""
     from ..adapters.nf4 import NF4Weight
 
@@ -218,10 +222,4 @@ def _loading_peak(config, model: torch.nn.Module, source_kind: str, file_bytes: 
     sizes += [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]  # QLoRA's base
     return loading_bytes(source_kind=source_kind, parameters=sum(sizes), largest_tensor=max(sizes, default=0),
                          file_bytes=file_bytes, storage_bytes=4 if full else torch.finfo(compute_dtype).bits // 8,
-                         quantised_bytes=_frozen_bytes(model) if config.method == "qlora" else 0,
-                         device_type=device_type)
-
-
-def _frozen_bytes(model: torch.nn.Module) -> int:
-    unique = {id(p): p for p in model.parameters() if not p.requires_grad}.values()
-    return sum(tensor_bytes(p) for p in unique) + sum(tensor_bytes(b) for b in model.buffers())
+                         quantised_bytes=quantised_bytes, device_type=device_type)

@@ -5,8 +5,10 @@ started several ranks (``distributed.init_world``; ``World`` says which rank thi
 run folder's lock (``run_lock.RunLock``: one run per folder; a killed run's lock is taken over) and delete what a
 killed run left there (``run_folder.leftovers``), check the output
 folder against --resume/--overwrite (``prepare_out_dir``), pick the device and compute dtype
-(``compute_dtype_for``), seed, build the model and its adapters (``build_model``), load and encode the
-data (``load_examples``), write ``config.yaml``, build the batch stream, the evaluation batches, the
+(``compute_dtype_for``), load and encode the data with the model's tokenizer (``load_examples``), choose what
+the data and the memory decide (``defaults``; ``fit``, planned on the architecture alone, so a run that cannot
+fit is refused before a weight is read), seed, build the model and its adapters (``build_model``), write
+``config.yaml``, build the batch stream, the evaluation batches, the
 learning-rate schedule, the optimizer (``make_optimizer``) and the step runner, and, when resuming,
 load the checkpoint into the trainable parameters, the optimizer, the RNGs and the data position.
 Several ranks: each gets its share of every micro-batch (``BatchStream(rank=, world_size=)``), the model goes
@@ -38,8 +40,10 @@ from .data_stream import BatchStream, evaluation_batches, widest_row
 from .defaults import resolve_epochs, resolve_max_seq_len
 from .distributed import SINGLE, ShardedState, World, init_world, step_runner, strategy_for
 from .fit import fit_to_memory, memory_budget
-from .loss import default_chunk_rows, lm_head
-from .plan import MemoryPlan, available_memory, training_plan, weight_file_bytes
+from .forecast import forecast
+from .loss import lm_head
+from .objectives import build_objective, check_examples
+from .plan import MemoryPlan, available_memory, weight_file_bytes
 from .schedule import LRSchedule
 from .step import StepRunner
 
@@ -112,14 +116,18 @@ def head_weight_of(model: torch.nn.Module) -> torch.Tensor | None:
     return head if isinstance(head, torch.Tensor) else None
 
 
-def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.dtype) -> ModelSetup:
-    """Load the base model and make it trainable: LoRA/DoRA (over an NF4 base for QLoRA) or every weight."""
+def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.dtype,
+                tokenizer=None) -> ModelSetup:
+    """Load the base model (and its tokenizer, unless given) and make it trainable: LoRA/DoRA (over an NF4 base
+    for QLoRA) or every weight."""
     from ..model.load import load_model
 
     full = config.method == "full"
     # Frozen weights live in the compute dtype; a full fine-tune keeps fp32 weights (the AdamW master copy).
     storage_dtype = torch.float32 if full else compute_dtype
-    loaded = load_model(config.model, dtype=storage_dtype, device=device)
+    loaded = load_model(config.model, dtype=storage_dtype, device=device, with_tokenizer=tokenizer is None)
+    if tokenizer is not None:
+        loaded.tokenizer = tokenizer
     model = loaded.model
     if not full:
         from ..adapters.lora import inject_lora
@@ -139,7 +147,7 @@ def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.
         for param in trainable.values():
             if param.dtype != torch.float32:
                 param.data = param.data.float()
-    if config.gradient_checkpointing:  # None: auto-fit decides after the data is read (train.fit)
+    if config.gradient_checkpointing:  # resolved by auto-fit (train.fit) before a run loads the model
         model.gradient_checkpointing = True
     model.train()
     return ModelSetup(loaded, model, trainable, head_weight_of(model))
@@ -160,14 +168,6 @@ def load_examples(config: TrainConfig, tokenizer, context: int | None = None) ->
         raise ConfigError(f"no usable training example ({reasons})", where=f"data {', '.join(data.paths)}",
                           fix="run `homebake data check` on the data to see why examples were skipped")
     return prepared.train, prepared.validation, prepared.summary()
-
-
-def _objective_for(config: TrainConfig, model: ModelSetup, compute_dtype: torch.dtype, examples: list):
-    """--objective: None (SFT) or DPO/ORPO (``train.objectives``), after checking the data holds the right kind."""
-    from .objectives import build_objective, check_examples
-
-    check_examples(config.objective, examples, where=f"data {', '.join(config.data.paths)}")
-    return build_objective(config, model.model, compute_dtype)
 
 
 def make_optimizer(config: TrainConfig, params: dict[str, torch.nn.Parameter], device: torch.device):
@@ -254,26 +254,25 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock | None, world: World,
     device = world.device
     strategy = strategy_for(config, world)
     compute_dtype = compute_dtype_for(config, device)
-    seed_everything(config.seed)
 
-    model = build_model(config, device, compute_dtype)
-    tokenizer = model.loaded.tokenizer
-    context = model.loaded.args.max_position_embeddings
+    # The data and the memory plan come first, from the architecture alone: a run that cannot fit is refused
+    # before its weights are read.
+    from ..model.load import load_tokenizer, read_model_args
+
+    args, source_path, source_kind = read_model_args(config.model)
+    tokenizer = load_tokenizer(config.model)
+    context = args.max_position_embeddings
     train_examples, val_examples, data_summary = load_examples(config, tokenizer, context)
-    objective = _objective_for(config, model, compute_dtype, train_examples + val_examples)
+    check_examples(config.objective, train_examples + val_examples, where=f"data {', '.join(config.data.paths)}")
     length = resolve_max_seq_len(config, train_examples + val_examples, context)
     chosen = [f"chosen from the data: {length}" if length else None]
     data = config.data
     widest = widest_row(train_examples + val_examples, max_seq_len=data.max_seq_len, packing=data.packing)
-    file_bytes = weight_file_bytes(model.loaded.source_path)
+    file_bytes = weight_file_bytes(source_path)
 
-    def plan_for(rows: int, checkpointing: bool):
-        loaded = model.loaded
-        return training_plan(config, model.model, loaded.args, source_kind=loaded.source_kind,
-                             file_bytes=file_bytes, device_type=device.type, compute_dtype=compute_dtype,
-                             widest_row=widest, chunk_rows=config.loss_chunk_rows
-                             or default_chunk_rows(loaded.args.vocab_size), objective=objective, rows=rows,
-                             gradient_checkpointing=checkpointing)
+    def plan_for(rows: int, checkpointing: bool) -> MemoryPlan:
+        return forecast(args, config, source_kind=source_kind, file_bytes=file_bytes, device_type=device.type,
+                        compute_dtype=compute_dtype, widest_row=widest, rows=rows, checkpointing=checkpointing)
 
     def fit():  # rank 0 decides for every rank (their memory may differ; the batch shape must not)
         budget, budget_text = memory_budget(config.memory_limit, available_memory(device))
@@ -283,10 +282,12 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock | None, world: World,
     config.batch_size, config.grad_accum, config.gradient_checkpointing, reason = world.run_on_main(fit)
     chosen.append(f"fitted to memory: {reason}")
     plan = plan_for(config.batch_size, config.gradient_checkpointing)
-    if config.gradient_checkpointing:
-        model.model.gradient_checkpointing = True
-        if device.type == "cpu":
-            return_large_blocks()  # else glibc's heap keeps what checkpointing frees (see train/allocator.py)
+
+    seed_everything(config.seed)
+    model = build_model(config, device, compute_dtype, tokenizer=tokenizer)
+    objective = build_objective(config, model.model, compute_dtype)
+    if config.gradient_checkpointing and device.type == "cpu":
+        return_large_blocks()  # else glibc's heap keeps what checkpointing frees (see train/allocator.py)
 
     batching = dict(batch_size=config.batch_size, max_seq_len=data.max_seq_len,
                     pad_token_id=tokenizer.pad_token_id, packing=data.packing, rank=world.rank,
