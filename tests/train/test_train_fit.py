@@ -101,3 +101,15 @@ def test_a_run_that_cannot_fit_is_refused_before_its_weights_are_read(tiny_model
     config.data.paths = [str(tiny_data)]
     with pytest.raises(ConfigError, match="more than the --memory-limit of 50MB"):
         setup_training(config)
+
+
+def test_the_weight_files_mapped_pages_do_not_count_against_the_budget():
+    """Loading peaks with the file's pages resident (page cache the kernel drops before it kills): a run whose
+    peak RSS would exceed the budget only by those pages is allowed."""
+    plan = MemoryPlan(GIB, 0, 0, 0, GIB // 10, 0, loading=3 * GIB, loading_file=2 * GIB)
+    config = TrainConfig()
+    fit_to_memory(config, lambda rows, checkpointing: plan, int(1.5 * GIB), "the test budget")
+    assert plan.total == 3 * GIB and (config.batch_size, config.gradient_checkpointing) == (8, False)
+    with pytest.raises(ConfigError, match="loading the weights"):
+        fit_to_memory(TrainConfig(), lambda rows, checkpointing: MemoryPlan(
+            GIB // 2, 0, 0, 0, 0, 0, loading=3 * GIB, loading_file=GIB), int(1.5 * GIB), "the test budget")

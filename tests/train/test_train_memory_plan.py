@@ -51,17 +51,18 @@ ONE_B_RUNS = [
 ]
 
 
-def save_random_1b(folder: Path) -> Path:
-    """A ~1B Llama folder with random bf16 weights (built tensor by tensor) and a byte-level tokenizer."""
+def save_random_model(folder: Path, config: dict) -> Path:
+    """A Llama folder of ``config``'s shape with random bf16 weights (built tensor by tensor) and a byte-level
+    tokenizer."""
     from tiny_models import save_byte_tokenizer
 
     from homebake.model.args import ModelArgs
     from homebake.model.families import build_causal_lm
 
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(ONE_B))
+    (folder / "config.json").write_text(json.dumps(config))
     with torch.device("meta"):
-        shapes = {name: t.shape for name, t in build_causal_lm(ModelArgs.from_hf_config(ONE_B)).state_dict().items()}
+        shapes = {name: t.shape for name, t in build_causal_lm(ModelArgs.from_hf_config(config)).state_dict().items()}
     generator = torch.Generator().manual_seed(0)
     weights = {name: (torch.ones(shape) if name.endswith("norm.weight")
                       else torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
@@ -120,7 +121,7 @@ def test_the_plan_matches_the_measured_peak_on_the_default_model(default_gguf, t
 
 
 def test_the_plan_matches_the_measured_peak_on_a_1b_llama(tmp_path):
-    model = save_random_1b(tmp_path / "llama-1b")
+    model = save_random_model(tmp_path / "llama-1b", ONE_B)
     data = write_chat_jsonl(tmp_path / "chats.jsonl", 200)
     rows = []
     for index, (name, extra) in enumerate(ONE_B_RUNS):
@@ -140,3 +141,58 @@ def test_a_run_fitted_to_a_small_memory_limit_stays_under_it(default_gguf, tmp_p
     chosen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert chosen["batch_size"] < 8 or chosen["gradient_checkpointing"]  # it really had to fit
     assert planned <= limit and measured <= limit, (planned, measured)
+
+
+LOADING_PROBE = """
+import json, sys, threading, time, torch
+from homebake.model.load import load_model
+
+def status():
+    with open("/proc/self/status") as handle:
+        fields = dict(line.split(":", 1) for line in handle)
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "RssFile")}
+
+before, peak, done = status(), {"VmRSS": 0}, []
+
+def poll():
+    while not done:
+        now = status()
+        if now["VmRSS"] > peak["VmRSS"]:
+            peak.update(now)
+        time.sleep(0.005)
+
+watcher = threading.Thread(target=poll)
+watcher.start()
+load_model(sys.argv[1], dtype=torch.float32)
+done.append(True)
+watcher.join()
+print(json.dumps({"peak": peak["VmRSS"], "file_pages": peak["RssFile"] - before["RssFile"]}))
+"""
+
+
+def test_loading_converted_weights_keeps_the_file_pages_which_the_plan_leaves_droppable(tmp_path):
+    """bf16 safetensors loaded as float32 (the AVX2 class's default): the plan's loading peak is the file's mapped
+    pages beside the float32 copies, and those pages -- clean page cache, which the kernel drops before it kills
+    -- are the part auto-fit does not require. Both are checked against the child's own /proc numbers."""
+    from homebake.model.load import read_model_args
+    from homebake.train.config import TrainConfig
+    from homebake.train.forecast import forecast
+    from homebake.train.plan import weight_file_bytes
+
+    # ~0.3B: a 0.55 GB file, 1.1 GB as float32
+    folder = save_random_model(tmp_path / "model", dict(ONE_B, hidden_size=1024, intermediate_size=4096,
+                                                        num_attention_heads=16, num_key_value_heads=4))
+    args, _, kind = read_model_args(folder)
+    plan = forecast(args, TrainConfig(model=str(folder), method="lora"), source_kind=kind,
+                    file_bytes=weight_file_bytes(folder), device_type="cpu", compute_dtype=torch.float32,
+                    widest_row=64, rows=1, checkpointing=False)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([sys.executable, "-c", LOADING_PROBE, str(folder)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.splitlines()[-1])
+    print(f"loading bf16 as float32: planned {plan.loading / 1024 ** 3:.2f} GiB, of which file pages "
+          f"{plan.loading_file / 1024 ** 3:.2f}; measured {measured['peak'] / 1024 ** 3:.2f}, of which "
+          f"{measured['file_pages'] / 1024 ** 3:.2f}")
+    assert abs(plan.loading - measured["peak"]) <= TOLERANCE * measured["peak"]
+    assert abs(plan.loading_file - measured["file_pages"]) <= TOLERANCE * measured["file_pages"]

@@ -83,11 +83,12 @@ def run(args) -> int:
     tiers = "  ".join(f"{t:>3}G" for t in TIERS_GIB)
     print(f"{'method':<7} {'checkpointing':<13} {'peak GiB':>8} {'~tokens/s':>9}  {tiers}")
     for option in found:
-        gib = option.plan.total / GIB
-        marks = "  ".join(f"{'yes' if gib <= t * 0.85 else ' - ':>4}" for t in TIERS_GIB)
+        gib, needed = option.plan.total / GIB, option.plan.required / GIB
+        marks = "  ".join(f"{'yes' if needed <= t * 0.85 else ' - ':>4}" for t in TIERS_GIB)
         speed = f"{option.tokens_per_s:9.0f}" if option.tokens_per_s else f"{'n/a':>9}"
         print(f"{option.method:<7} {'on' if option.checkpointing else 'off':<13} {gib:8.2f} {speed}  {marks}")
-    print(f"(yes: fits in 85% of the tier; tokens/s is rough, within ~2x{'' if local else ', and only for cpu'})")
+    print(f"(yes: fits in 85% of the tier, the weight file's pages in the peak left out: the kernel drops them; "
+          f"tokens/s is rough, within ~2x{'' if local else ', and only for cpu'})")
 
     memory = parse_memory(args.memory, where="--memory") if args.memory else (
         available_memory(torch.device("cpu")) if local else None)

@@ -71,7 +71,7 @@ def fit_to_memory(config, plan_for: Callable[[int, bool], MemoryPlan], budget: i
 def _nothing_fits(plan_for, budget_text: str, tried) -> str:
     rows, checkpointing, total = min(tried, key=lambda t: t[2])
     plan = plan_for(rows, checkpointing)
-    what = "loading the weights" if plan.loading >= plan.bound else \
+    what = "loading the weights" if plan.loading_needed >= plan.bound else \
         f"{_rows(rows)} per micro-batch, checkpointing {'on' if checkpointing else 'off'}"
     return f"this run needs at least {total / GIB:.2f} GiB ({what}), more than {budget_text}"
 
@@ -90,7 +90,7 @@ def _what_would_fit(config, plan_for, budget: int) -> str:
                     if value]
         return (f"--batch-size 1 --gradient-checkpointing fits ({smallest / GIB:.2f} GiB)"
                 + (f"; drop {' and '.join(explicit)}" if explicit else ""))
-    if plan.loading >= plan.bound:
+    if plan.loading_needed >= plan.bound:
         hints = ["a smaller model", "a model saved as bf16 safetensors (read without a float32 copy)"]
     else:
         hints = ["--max-seq-len lower", "--method qlora" if config.method != "qlora" else None, "a smaller model"]

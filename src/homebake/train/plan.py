@@ -41,6 +41,9 @@ class MemoryPlan:
     process: int = 0  # CPU: the interpreter, torch and the tokenizer (0 on GPUs: not device memory)
     loading: int = 0  # the peak while the weights are read and converted, process included (see loading_bytes)
     heap_growth: int = 0  # CPU: room for the heap's fragmentation over a long run (CPU_HEAP_GROWTH_FLOOR)
+    # Of ``loading``, the weight file's mapped pages: in the peak RSS, but clean page cache, which the kernel drops
+    # under pressure instead of killing the process; what a run must have leaves them out.
+    loading_file: int = 0
 
     @property
     def training(self) -> int:
@@ -53,9 +56,19 @@ class MemoryPlan:
         return max(self.training, self.loading)
 
     @property
+    def loading_needed(self) -> int:
+        """What loading must have in memory: its peak less the file's droppable pages."""
+        return self.loading - self.loading_file
+
+    @property
+    def required(self) -> int:
+        """What the first steps and loading must have (the memory tiers of ``homebake plan``)."""
+        return max(self.training, self.loading_needed)
+
+    @property
     def bound(self) -> int:
-        """The peak over a whole run, fragmentation included: what auto-fit keeps under the budget."""
-        return max(self.training + self.heap_growth, self.loading)
+        """What a whole run must have, fragmentation included: what auto-fit keeps under the budget."""
+        return max(self.training + self.heap_growth, self.loading_needed)
 
     def describe(self) -> str:
         parts = [("frozen weights", self.frozen_weights), ("trainable weights", self.trainable_weights),
@@ -71,7 +84,7 @@ class MemoryPlan:
 
 
 def loading_bytes(*, source_kind: str, parameters: int, largest_tensor: int, file_bytes: int,
-                  storage_bytes: int, quantised_bytes: int = 0, device_type: str = "cpu") -> int:
+                  storage_bytes: int, quantised_bytes: int = 0, device_type: str = "cpu") -> tuple[int, int]:
     """The peak while ``model.load`` reads the weights (``parameters`` elements, ``largest_tensor`` the biggest
     tensor's) into tensors of ``storage_bytes`` per element: a GGUF is dequantised to float32 whole while its
     file is mapped (plus one float32 tensor of temporaries), then cast tensor by tensor. Safetensors are mapped:
@@ -79,9 +92,10 @@ def loading_bytes(*, source_kind: str, parameters: int, largest_tensor: int, fil
     read stays resident beside the copies until the last tensor is converted. CPU and MPS only: a CUDA load
     stages on the host, so device memory never holds more than the converted weights (counted in the training
     part). QLoRA (``quantised_bytes``: the frozen base once quantised) then reads every converted weight while
-    the NF4 copy is built: a safetensors file's mapped pages all become resident."""
+    the NF4 copy is built: a safetensors file's mapped pages all become resident. Returns the peak and, of it, the
+    file's mapped pages (page cache: the kernel drops them rather than kill the process)."""
     if device_type not in ("cpu", "mps"):
-        return 0
+        return 0, 0
     converted = parameters * storage_bytes
     if source_kind == "gguf":
         held = parameters * 4 + file_bytes + largest_tensor * 4
@@ -92,7 +106,7 @@ def loading_bytes(*, source_kind: str, parameters: int, largest_tensor: int, fil
         held = file_bytes + converted
     if quantised_bytes:
         held = max(held, converted + quantised_bytes)
-    return CPU_PROCESS_BYTES + held
+    return CPU_PROCESS_BYTES + held, min(file_bytes, held)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -201,7 +215,8 @@ def training_plan(config, model: torch.nn.Module, args, *, source_kind: str, fil
         reference_bytes=reference_bytes(objective), device_type=device_type,
         kv_size=args.num_key_value_heads * args.head_dim, dora=adapters and config.lora.use_dora)
     quantised = plan.frozen_weights if config.method == "qlora" else 0
-    plan.loading = _loading_peak(config, model, source_kind, file_bytes, device_type, compute_dtype, quantised)
+    plan.loading, plan.loading_file = _loading_peak(config, model, source_kind, file_bytes, device_type,
+                                                    compute_dtype, quantised)
     return plan
 
 
@@ -212,7 +227,7 @@ def weight_file_bytes(source: Path) -> int:
 
 
 def _loading_peak(config, model: torch.nn.Module, source_kind: str, file_bytes: int, device_type: str,
-                  compute_dtype: torch.dtype, quantised_bytes: int) -> int:
+                  compute_dtype: torch.dtype, quantised_bytes: int) -> tuple[int, int]:
     """``loading_bytes`` for the base weights this run reads (a full fine-tune's are all its parameters)."""
     from ..adapters.nf4 import NF4Weight
 
