@@ -18,41 +18,36 @@ from homebake.train.setup import build_model
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "model-configs"
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "qlora", "full"])
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_meta_model_plans_as_the_loaded_model(tiny_model_dir, method, checkpointing):
+def loaded_and_meta_plans(model_dir, config, checkpointing: bool, widest_row: int, rows: int):
+    """The plan of ``config`` over the model ``build_model`` loads (with its objective) and the forecast's."""
     from homebake.train.loss import default_chunk_rows
+    from homebake.train.objectives import build_objective
     from homebake.train.plan import training_plan
 
-    config = TrainConfig(model=str(tiny_model_dir), method=method)
     config.validate()
     loaded = build_model(config, torch.device("cpu"), torch.float32)
     args = loaded.loaded.args
-    common = dict(source_kind="hf", file_bytes=weight_file_bytes(tiny_model_dir), device_type="cpu",
-                  compute_dtype=torch.float32, widest_row=160, rows=4)
+    common = dict(source_kind="hf", file_bytes=weight_file_bytes(model_dir), device_type="cpu",
+                  compute_dtype=torch.float32, widest_row=widest_row, rows=rows)
     real = training_plan(config, loaded.model, args, chunk_rows=default_chunk_rows(args.vocab_size),
+                         objective=build_objective(config, loaded.model, torch.float32),
                          gradient_checkpointing=checkpointing, **common)
-    meta = forecast(args, config, checkpointing=checkpointing, **common)
+    return real, forecast(args, config, checkpointing=checkpointing, **common)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora", "full"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_meta_model_plans_as_the_loaded_model(tiny_model_dir, method, checkpointing):
+    real, meta = loaded_and_meta_plans(tiny_model_dir, TrainConfig(model=str(tiny_model_dir), method=method),
+                                       checkpointing, widest_row=160, rows=4)
     assert meta == real
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_the_meta_model_plans_a_preference_run_as_the_loaded_model(tiny_model_dir, method):
     """DPO: a full fine-tune keeps a frozen reference copy, which the forecast counts too."""
-    from homebake.train.loss import default_chunk_rows
-    from homebake.train.objectives import build_objective
-    from homebake.train.plan import training_plan
-
     config = TrainConfig(model=str(tiny_model_dir), method=method, objective="dpo")
-    config.validate()
-    loaded = build_model(config, torch.device("cpu"), torch.float32)
-    args = loaded.loaded.args
-    common = dict(source_kind="hf", file_bytes=weight_file_bytes(tiny_model_dir), device_type="cpu",
-                  compute_dtype=torch.float32, widest_row=96, rows=2)
-    real = training_plan(config, loaded.model, args, chunk_rows=default_chunk_rows(args.vocab_size),
-                         objective=build_objective(config, loaded.model, torch.float32),
-                         gradient_checkpointing=False, **common)
-    meta = forecast(args, config, checkpointing=False, **common)
+    real, meta = loaded_and_meta_plans(tiny_model_dir, config, False, widest_row=96, rows=2)
     assert meta == real
     assert (meta.reference_weights > 0) == (method == "full")
 

@@ -50,7 +50,7 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..model.load import read_model_args
     from ..train.fit import fit_to_memory, memory_budget, parse_memory
-    from ..train.forecast import METHOD_ORDER, TIERS_GIB, forecast, matmul_rate, options, parameter_count
+    from ..train.forecast import METHOD_ORDER, TIERS_GIB, matmul_rate, options, parameter_count, planner
     from ..train.plan import GIB, available_memory, weight_file_bytes
     from ..train.config import TrainConfig
 
@@ -95,8 +95,7 @@ def run(args) -> int:
     budget, budget_text = memory_budget(None, memory)  # train's default share of the machine's memory
     chosen = TrainConfig(model=args.model, method=config.method)
     chosen.lora.use_dora = config.method == "dora"
-    plan_for = lambda rows, checkpointing: forecast(model_args, chosen, **common, rows=rows,  # noqa: E731
-                                                    checkpointing=checkpointing)
+    plan_for = planner(model_args, chosen, **common)
     try:
         reason = fit_to_memory(chosen, plan_for, budget, budget_text)
         print(f"homebake train --method {config.method} would choose: {reason}")

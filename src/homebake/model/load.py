@@ -288,16 +288,40 @@ def build_model(checkpoint: _Checkpoint, *, dtype: torch.dtype, device: str | to
 def read_model_args(source: str | os.PathLike | None) -> tuple[ModelArgs, Path, str]:
     """(architecture, path, kind) without reading a weight: a model folder's or a ``config.json`` file's
     configuration, or a GGUF's metadata and tensor shapes (the memory planner needs no more)."""
+    args, path, kind, _ = _read_header(source, with_tokenizer=False)
+    return args, path, kind
+
+
+def read_model_header(source: str | os.PathLike | None):
+    """(architecture, tokenizer, path, kind) without reading a weight, from one read of a GGUF's header (parsing
+    it takes seconds for a large vocabulary: a run that plans before loading reads it once for both)."""
+    args, path, kind, tokenizer = _read_header(source, with_tokenizer=True)
+    return args, tokenizer, path, kind
+
+
+def _read_header(source, *, with_tokenizer: bool):
+    from ..tokenizer import Tokenizer  # imported lazily: the model layer works without it
+
     given = Path(source).expanduser() if source is not None else None
     if given is not None and given.is_file() and given.suffix.lower() == ".json":
-        return _read_hf_config_dict(given.parent, given)[0], given.parent, "hf"
+        args = _read_hf_config_dict(given.parent, given)[0]
+        return args, given.parent, "hf", Tokenizer.from_hf_dir(given.parent) if with_tokenizer else None
     path, kind = resolve_source(source)
     if kind == "gguf":
         from .gguf_file import read_gguf_shapes
 
         metadata, shapes = read_gguf_shapes(path)
-        return _parse_args(lambda: ModelArgs.from_gguf_metadata(metadata, shapes, where=str(path)), path), path, kind
-    return _read_hf_config(path), path, kind
+        args = _parse_args(lambda: ModelArgs.from_gguf_metadata(metadata, shapes, where=str(path)), path)
+        return args, path, kind, _gguf_tokenizer(metadata, path) if with_tokenizer else None
+    return _read_hf_config(path), path, kind, Tokenizer.from_hf_dir(path) if with_tokenizer else None
+
+
+def _gguf_tokenizer(metadata: dict, path: Path):
+    from ..tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf_metadata({k: v for k, v in metadata.items()
+                                         if k.startswith("tokenizer.") or k == "general.architecture"},
+                                        source=path)
 
 
 def load_state_dict(source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
@@ -337,10 +361,7 @@ def load_tokenizer(source: str | os.PathLike | None = None):
         return Tokenizer.from_hf_dir(path)
     from .gguf_file import read_gguf_metadata
 
-    # headers only: tensors are never dequantised here
-    metadata = {k: v for k, v in read_gguf_metadata(path).items()
-                if k.startswith("tokenizer.") or k == "general.architecture"}
-    return Tokenizer.from_gguf_metadata(metadata, source=path)
+    return _gguf_tokenizer(read_gguf_metadata(path), path)  # headers only: tensors are never dequantised here
 
 
 __all__ = ["LoadedModel", "load_model", "load_state_dict", "load_tokenizer", "resolve_source"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -53,20 +54,31 @@ def meta_model(args, config, storage_dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def forecast(args, config, *, source_kind: str, file_bytes: int, device_type: str, compute_dtype: torch.dtype,
-             widest_row: int, rows: int, checkpointing: bool) -> MemoryPlan:
-    """The plan of ``config`` (its method, LoRA settings and objective) for ``rows`` rows of ``widest_row``
-    tokens: what ``training_plan`` gives for the loaded model, so a run is fitted before its weights are read."""
+def planner(args, config, *, source_kind: str, file_bytes: int, device_type: str, compute_dtype: torch.dtype,
+            widest_row: int) -> Callable[[int, bool], MemoryPlan]:
+    """``plan_for(rows, checkpointing)``: the plan of ``config`` (its method, LoRA settings and objective) for
+    ``rows`` rows of ``widest_row`` tokens -- what ``training_plan`` gives for the loaded model, so a run is
+    fitted before its weights are read. The meta model is built once for all the candidates auto-fit tries."""
     from .loss import default_chunk_rows
     from .objectives import build_objective
 
     storage = torch.float32 if config.method == "full" else compute_dtype
     model = meta_model(args, config, storage)
-    return training_plan(config, model, args, source_kind=source_kind, file_bytes=file_bytes,
-                         device_type=device_type, compute_dtype=compute_dtype, widest_row=widest_row,
-                         chunk_rows=config.loss_chunk_rows or default_chunk_rows(args.vocab_size),
-                         objective=build_objective(config, model, compute_dtype), rows=rows,
-                         gradient_checkpointing=checkpointing)
+    objective = build_objective(config, model, compute_dtype)
+    chunk_rows = config.loss_chunk_rows or default_chunk_rows(args.vocab_size)
+
+    def plan_for(rows: int, checkpointing: bool) -> MemoryPlan:
+        return training_plan(config, model, args, source_kind=source_kind, file_bytes=file_bytes,
+                             device_type=device_type, compute_dtype=compute_dtype, widest_row=widest_row,
+                             chunk_rows=chunk_rows, objective=objective, rows=rows,
+                             gradient_checkpointing=checkpointing)
+
+    return plan_for
+
+
+def forecast(args, config, *, rows: int, checkpointing: bool, **source) -> MemoryPlan:
+    """One plan of ``planner`` (same keywords)."""
+    return planner(args, config, **source)(rows, checkpointing)
 
 
 def parameter_count(args) -> int:
@@ -103,10 +115,10 @@ def options(args, base_config, *, source_kind: str, file_bytes: int, device_type
     found = []
     for method in methods:
         config = replace(base_config, method=method, lora=replace(base_config.lora, use_dora=method == "dora"))
+        plan_for = planner(args, config, source_kind=source_kind, file_bytes=file_bytes, device_type=device_type,
+                           compute_dtype=compute_dtype, widest_row=widest_row)
         for checkpointing in (False, True):
-            plan = forecast(args, config, source_kind=source_kind, file_bytes=file_bytes, device_type=device_type,
-                            compute_dtype=compute_dtype, widest_row=widest_row, rows=rows,
-                            checkpointing=checkpointing)
+            plan = plan_for(rows, checkpointing)
             speed = rate * STEP_EFFICIENCY[method] / step_flops_per_token(parameters, method, checkpointing) \
                 if rate and parameters else None
             found.append(Option(method, checkpointing, plan, speed))

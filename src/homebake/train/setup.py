@@ -40,7 +40,7 @@ from .data_stream import BatchStream, evaluation_batches, widest_row
 from .defaults import resolve_epochs, resolve_max_seq_len
 from .distributed import SINGLE, ShardedState, World, init_world, step_runner, strategy_for
 from .fit import fit_to_memory, memory_budget
-from .forecast import forecast
+from .forecast import planner
 from .loss import lm_head
 from .objectives import build_objective, check_examples
 from .plan import MemoryPlan, available_memory, weight_file_bytes
@@ -257,10 +257,9 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock | None, world: World,
 
     # The data and the memory plan come first, from the architecture alone: a run that cannot fit is refused
     # before its weights are read.
-    from ..model.load import load_tokenizer, read_model_args
+    from ..model.load import read_model_header
 
-    args, source_path, source_kind = read_model_args(config.model)
-    tokenizer = load_tokenizer(config.model)
+    args, tokenizer, source_path, source_kind = read_model_header(config.model)
     context = args.max_position_embeddings
     train_examples, val_examples, data_summary = load_examples(config, tokenizer, context)
     check_examples(config.objective, train_examples + val_examples, where=f"data {', '.join(config.data.paths)}")
@@ -270,9 +269,8 @@ def _setup(config: TrainConfig, out: Path, lock: RunLock | None, world: World,
     widest = widest_row(train_examples + val_examples, max_seq_len=data.max_seq_len, packing=data.packing)
     file_bytes = weight_file_bytes(source_path)
 
-    def plan_for(rows: int, checkpointing: bool) -> MemoryPlan:
-        return forecast(args, config, source_kind=source_kind, file_bytes=file_bytes, device_type=device.type,
-                        compute_dtype=compute_dtype, widest_row=widest, rows=rows, checkpointing=checkpointing)
+    plan_for = planner(args, config, source_kind=source_kind, file_bytes=file_bytes, device_type=device.type,
+                       compute_dtype=compute_dtype, widest_row=widest)
 
     def fit():  # rank 0 decides for every rank (their memory may differ; the batch shape must not)
         budget, budget_text = memory_budget(config.memory_limit, available_memory(device))
