@@ -201,3 +201,79 @@ def test_fused_function_shape_and_dtype_contract():
     assert y.shape == (2, 3, 5)
     module = _module()
     copy.deepcopy(module)  # the wrapper stays deep-copyable (model copies in tests and evaluation)
+
+
+def _siblings(dropout: float = 0.0, **kwargs) -> list[LoraLinear]:
+    """Three projections of one 40-wide input, like a layer's q/k/v: other widths, biases and scalings."""
+    modules = [_module(bias=bias, dropout=dropout, out_features=out, seed=seed, **kwargs)
+               for bias, out, seed in ((True, 24, 0), (False, 8, 1), (True, 8, 2))]
+    modules[1].scaling = 0.5
+    return modules
+
+
+def _sibling_grads(modules, x, forward) -> dict[str, torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    for module in modules:
+        for param in module.parameters():
+            param.grad = None
+    outputs = forward(x)
+    total = sum((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() * (i + 1) for i, y in enumerate(outputs))
+    total.backward()
+    grads = {"x": x.grad}
+    for i, (module, y) in enumerate(zip(modules, outputs)):
+        grads.update({f"y{i}": y.detach(), f"A{i}": module.lora_A.weight.grad, f"B{i}": module.lora_B.weight.grad})
+    return grads
+
+
+def test_projections_of_one_input_computed_together_equal_each_alone():
+    modules = _siblings()
+    x = torch.randn(2, 7, 40, generator=torch.Generator().manual_seed(8))
+    together = _sibling_grads(modules, x, lambda inputs: LoraLinear.project_shared(inputs, modules))
+    alone = _sibling_grads(modules, x, lambda inputs: [m.reference_forward(inputs) for m in modules])
+    _assert_same(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_sibling_projections_share_one_dropout_mask_on_their_input():
+    """Training with dropout: every sibling's adapter sees x * keep / (1 - p) with the same keep mask."""
+    p = 0.25
+    modules = [m.train() for m in _siblings(dropout=p, fast_dropout=True)]
+    x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(10)
+    keep = keep_mask((15, 40), p, "cpu", fast=True).view(3, 5, 40)
+    torch.manual_seed(10)
+    together = _sibling_grads(modules, x, lambda inputs: LoraLinear.project_shared(inputs, modules))
+
+    def explicit(inputs):
+        dropped = inputs * keep / (1 - p)
+        return [inputs @ m.weight.T + (m.bias if m.bias is not None else 0)
+                + m.scaling * dropped @ m.lora_A.weight.T @ m.lora_B.weight.T for m in modules]
+
+    _assert_same(together, _sibling_grads(modules, x, explicit), rtol=1e-5, atol=1e-5)
+
+
+def test_siblings_of_other_kinds_run_on_their_own():
+    """A plain linear, a DoRA adapter and LoRA adapters with other dropout settings beside fused LoRA siblings."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(40, 6)
+    dora = LoraLinear(torch.nn.Linear(40, 8), LoraConfig(r=4, alpha=8, use_dora=True))
+    other = _module(dropout=0.1, seed=3).eval()
+    modules = [plain, *_siblings(), dora, other]
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(11))
+    for got, module in zip(LoraLinear.project_shared(x, modules), modules):
+        torch.testing.assert_close(got, module(x), rtol=1e-6, atol=1e-6)
+
+
+def test_siblings_keep_x_one_mask_and_one_stacked_intermediate():
+    modules = [m.train() for m in _siblings(dropout=0.1, fast_dropout=True)]
+    shared = {p.data_ptr() for m in modules for p in m.parameters()}
+    x = torch.randn(64, 40, requires_grad=True)
+    saved = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in shared and tensor.shape != (12, 40):  # the stacked A matrices (adapter size)
+            saved[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        LoraLinear.project_shared(x, modules)
+    assert sorted(saved.values()) == sorted([64 * 40 * 1, 64 * 12 * 4, 64 * 40 * 4])  # mask, u (3 x r 4), x

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError, ExportError, ModelLoadError
 from .config import LoraConfig
-from .fused import fused_lora_linear
+from .fused import LoraProjection, fused_lora_linears
 from .nf4 import NF4Linear, NF4Weight, nf4_linear
 
 ADAPTER_SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude": "magnitude"}
@@ -49,7 +49,8 @@ class LoraLinear(nn.Module):
     """A frozen linear layer (dense or NF4) plus a trainable LoRA/DoRA adapter.
 
     LoRA runs as one fused autograd function (``adapters.fused``): dropout as a 1-byte mask, the scale folded
-    into the N x r intermediate, the adapter term added in place. ``fast_dropout`` draws the training masks
+    into the N x r intermediate, the adapter term added in place; the decoder's projections of one input
+    (q/k/v, gate/up) run together through ``project_shared``, with one dropout mask. ``fast_dropout`` draws the training masks
     from 31-bit integers (cheaper on CPU); off, they equal torch's dropout masks at the same seed.
     """
 
@@ -119,14 +120,34 @@ class LoraLinear(nn.Module):
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.lora_A.weight.to(x.dtype)), self.lora_B.weight.to(x.dtype))
 
+    def _projection(self, dtype: torch.dtype) -> LoraProjection:
+        weight = None if self.weight_nf4 is not None else self.frozen_weight(dtype)
+        return LoraProjection(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.bias, self.weight_nf4)
+
+    def _fused_options(self) -> tuple[float, bool, bool]:
+        return self.dropout, self.training, self.fast_dropout
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_magnitude is None:
-            dtype = _compute_dtype(x)
-            weight = None if self.weight_nf4 is not None else self.frozen_weight(dtype)
-            return fused_lora_linear(x.to(dtype), weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                                     bias=self.bias, nf4=self.weight_nf4, dropout=self.dropout,
-                                     training=self.training, fast_masks=self.fast_dropout)
+            return self.project_shared(x, [self])[0]
         return self._dora_forward(x)
+
+    @staticmethod
+    def project_shared(x: torch.Tensor, modules) -> list[torch.Tensor]:
+        """Each module applied to the same ``x`` (a layer's q/k/v, gate/up; ``model.decoder.project``), the LoRA
+        ones (not DoRA) as one fused call: one dropout mask on x, one masked copy and one matmul for the stacked
+        A matrices (``adapters.fused``). Modules of other kinds, or with other dropout settings, run on their own."""
+        fused = [m for m in modules if isinstance(m, LoraLinear) and m.lora_magnitude is None]
+        if fused and any(m._fused_options() != fused[0]._fused_options() for m in fused):
+            fused = fused[:1]
+        results: dict[int, torch.Tensor] = {}
+        if fused:
+            dtype = _compute_dtype(x)
+            dropout, training, fast = fused[0]._fused_options()
+            outputs = fused_lora_linears(x.to(dtype), [m._projection(dtype) for m in fused], dropout=dropout,
+                                         training=training, fast_masks=fast)
+            results = {id(m): y for m, y in zip(fused, outputs)}
+        return [results[id(m)] if id(m) in results else m(x) for m in modules]
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unfused LoRA expression with module dropout (PEFT's form); the fused forward must equal it."""

@@ -20,10 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .activation import gated_activation
 from .args import ModelArgs
 from .attention import AttentionPlan, attention, attention_mask  # noqa: F401 (attention_mask: re-exported)
 from .norm import rms_norm
 from .rope import apply_rope, length_dependent, rope_cos_sin, rope_inv_freq
+
+
+def project(x: torch.Tensor, modules) -> list[torch.Tensor]:
+    """Each projection module applied to the same input ``x``. A module class that computes several projections
+    of one input together provides ``project_shared(x, modules)`` (the adapters' LoRA wrapper: one dropout mask
+    and one adapter matmul for a layer's q/k/v); the decoder stays unaware of what is wrapped."""
+    for module in modules:
+        shared = getattr(type(module), "project_shared", None)
+        if shared is not None:
+            return shared(x, modules)
+    return [module(x) for module in modules]
 
 
 class RMSNorm(nn.Module):
@@ -84,9 +96,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, plan: AttentionPlan, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(batch, length, self.n_heads, self.head_dim)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
@@ -99,12 +112,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.activation = args.hidden_act
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(gated_activation(gate, up, self.activation))
 
 
 class DecoderLayer(nn.Module):

@@ -21,7 +21,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .attention import AttentionPlan, attention
-from .decoder import MLP, CausalLM, KVCache
+from .decoder import MLP, CausalLM, KVCache, project
 from .rope import apply_rope, base_inv_freq, rope_cos_sin
 
 
@@ -47,11 +47,6 @@ class ScaledEmbedding(nn.Embedding):
         return super().forward(input_ids) * scale
 
 
-class GemmaMLP(MLP):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
-
-
 class GemmaAttention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -74,9 +69,10 @@ class GemmaAttention(nn.Module):
         if isinstance(cos, dict):  # Gemma 3: one RoPE table per attention kind
             cos, sin = cos[self.rope_kind], sin[self.rope_kind]
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(batch, length, self.n_heads, self.head_dim)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
@@ -91,7 +87,7 @@ class GemmaDecoderLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.self_attn = GemmaAttention(args, layer)
-        self.mlp = GemmaMLP(args)
+        self.mlp = MLP(args)  # GeGLU: args.hidden_act is the tanh gelu
         self.input_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)

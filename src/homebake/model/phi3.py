@@ -10,9 +10,9 @@ the state dict loads as is. RoPE may be partial (``partial_rotary_factor``, Phi-
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .activation import gated_activation
 from .args import ModelArgs
 from .attention import AttentionPlan, attention
 from .decoder import CausalLM, DecoderLayer, KVCache
@@ -48,7 +48,7 @@ class Phi3MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(gated_activation(gate, up))
 
 
 class Phi3DecoderLayer(DecoderLayer):

@@ -149,9 +149,11 @@ def estimate_memory(
     frozen += sum(tensor_bytes(b) for b in model.buffers())
     h, i, kv = hidden_size, intermediate_size, kv_size or hidden_size
     projection_inputs, projection_outputs = 6 * h + i, 3 * h + 2 * kv + 2 * i  # summed over the 7 projections
-    per_layer_bytes = (10 * h + 4 * i) * activation_bytes
-    if adapter_dropout:  # the keep masks: 1 byte per input element of each of the 7 projections
-        per_layer_bytes += projection_inputs
+    # norms, q/k/v/o and residuals: 10 h; the MLP's gate, up and their gated product: 3 i (model/activation.py)
+    per_layer_bytes = (10 * h + 3 * i) * activation_bytes
+    if adapter_dropout:  # 1-byte keep masks: one per input shared by its fused LoRA projections (q/k/v, o,
+        # gate/up, down: adapters/fused.py); DoRA's unfused projections draw one each
+        per_layer_bytes += projection_inputs if dora else 3 * h + i
     if dora:  # unfused: the adapter's input and, per output, the base and the fp32 direction terms it scales
         per_layer_bytes += projection_inputs * activation_bytes + projection_outputs * (activation_bytes + 4)
     if gradient_checkpointing:  # each layer keeps its input; one layer is recomputed, with its gradients, at a time
