@@ -88,7 +88,9 @@ def _forward(x: torch.Tensor, keep: torch.Tensor | None, projections: Sequence[L
     outputs, start = [], 0
     for projection, b_i in zip(projections, b):
         u_i = u[:, start:start + b_i.shape[1]].mul_(projection.scale)
-        bias = projection.bias if projection.bias is None or projection.bias.dtype == dtype else projection.bias.to(dtype)
+        bias = projection.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         y = F.linear(x, projection.dense(dtype), bias)
         outputs.append(y.addmm_(u_i, b_i.t()))
         start += b_i.shape[1]

@@ -50,8 +50,8 @@ class LoraLinear(nn.Module):
 
     LoRA runs as one fused autograd function (``adapters.fused``): dropout as a 1-byte mask, the scale folded
     into the N x r intermediate, the adapter term added in place; the decoder's projections of one input
-    (q/k/v, gate/up) run together through ``project_shared``, with one dropout mask. ``fast_dropout`` draws the training masks
-    from 31-bit integers (cheaper on CPU); off, they equal torch's dropout masks at the same seed.
+    (q/k/v, gate/up) run together through ``project_shared``, with one dropout mask. ``fast_dropout`` draws the
+    training masks from 31-bit integers (cheaper on CPU); off, they equal torch's dropout masks at the same seed.
     """
 
     def __init__(self, base: nn.Linear | NF4Linear, config: LoraConfig, *, adapter_dtype: torch.dtype = torch.float32,
