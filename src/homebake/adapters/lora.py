@@ -89,6 +89,7 @@ class LoraLinear(nn.Module):
             self.lora_magnitude = nn.Parameter(_row_norm(self.frozen_weight(torch.float32)).to(adapter_dtype))
         else:
             self.register_parameter("lora_magnitude", None)
+        self.adapter_enabled = True  # False inside ``adapters_disabled``: the frozen base only
 
     # -- the frozen base ------------------------------------------------------------------------------
     def frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -128,6 +129,8 @@ class LoraLinear(nn.Module):
         return self.dropout, self.training, self.fast_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:
+            return self._base(x, None, self.bias)
         if self.lora_magnitude is None:
             return self.project_shared(x, [self])[0]
         return self._dora_forward(x)
@@ -137,7 +140,7 @@ class LoraLinear(nn.Module):
         """Each module applied to the same ``x`` (a layer's q/k/v, gate/up; ``model.decoder.project``), the LoRA
         ones (not DoRA) as one fused call: one dropout mask on x, one masked copy and one matmul for the stacked
         A matrices (``adapters.fused``). Modules of other kinds, or with other dropout settings, run on their own."""
-        fused = [m for m in modules if isinstance(m, LoraLinear) and m.lora_magnitude is None]
+        fused = [m for m in modules if isinstance(m, LoraLinear) and m.lora_magnitude is None and m.adapter_enabled]
         if fused and any(m._fused_options() != fused[0]._fused_options() for m in fused):
             fused = fused[:1]
         results: dict[int, torch.Tensor] = {}
@@ -442,13 +445,6 @@ def _own_the_rest(model: nn.Module) -> None:
                     setattr(module, name, buffer.clone())
 
 
-def _base_forward(module: LoraLinear):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return module._base(x, None, module.bias)
-
-    return forward
-
-
 class adapters_disabled:  # noqa: N801 - used as a context manager, like torch.no_grad
     """``with adapters_disabled(model):`` every LoraLinear computes its frozen base only (LoRA, DoRA and an NF4
     base alike): the model is then the base it was built from, with no second copy in memory -- DPO's
@@ -458,11 +454,13 @@ class adapters_disabled:  # noqa: N801 - used as a context manager, like torch.n
         self.modules = list(lora_modules(model).values())
 
     def __enter__(self):
+        # A flag, not a patched forward: ``project_shared`` (q/k/v, gate/up) calls no module's forward.
+        self.previous = [module.adapter_enabled for module in self.modules]
         for module in self.modules:
-            module.forward = _base_forward(module)  # an instance attribute shadows the class's forward
+            module.adapter_enabled = False
         return self
 
     def __exit__(self, *exc):
-        for module in self.modules:
-            module.__dict__.pop("forward", None)
+        for module, enabled in zip(self.modules, self.previous):
+            module.adapter_enabled = enabled
         return False
