@@ -138,14 +138,21 @@ def test_keep_fraction_is_one_minus_p(fast, p):
     assert abs((keep & again).float().mean().item() - (1 - p) ** 2) < 10 * sigma
 
 
-def test_fast_mask_threshold_is_exact_for_31_bit_draws():
-    """P(keep) = round((1 - p) 2^31) / 2^31: the draws are uniform over [0, 2^31), compared with that threshold."""
+def test_fast_mask_is_the_threshold_on_uniform_32_bit_draws():
+    """P(keep) = round((1 - p) 2^32) / 2^32: the draws cover every int32 value, compared with that threshold."""
+    from homebake.adapters.fused import keep_threshold, uniform_int32
+
     generator = torch.Generator().manual_seed(0)
-    draws = torch.empty(1_000_000, dtype=torch.int32).random_(generator=generator)
-    assert draws.min() >= 0 and draws.max() > 2 ** 31 - 2 ** 22  # full 31-bit range
+    draws = uniform_int32((1_000_000,), generator)
+    assert draws.min() < -2 ** 31 + 2 ** 22 and draws.max() > 2 ** 31 - 2 ** 22  # the full 32-bit range
+    assert abs(draws.double().mean().item()) < 5 * 2 ** 32 / (12 * 1_000_000) ** 0.5
+    assert (keep_threshold(0.9) + 2 ** 31) / 2 ** 32 == round(0.9 * 2 ** 32) / 2 ** 32
     generator.manual_seed(0)
-    keep = keep_mask((1_000_000,), 0.1, "cpu", fast=True, generator=generator)
-    assert torch.equal(keep, draws < round(0.9 * 2 ** 31))
+    keep = keep_mask((1_000, 1_000), 0.1, "cpu", fast=True, generator=generator)
+    assert torch.equal(keep.view(-1), draws < keep_threshold(0.9))
+    # torch's generator decides the draws (seeds and checkpointed RNG states): same state, same mask
+    assert torch.equal(keep_mask((1_000, 1_000), 0.1, "cpu", fast=True, generator=generator.manual_seed(0)), keep)
+    assert keep_mask((3, 5), 0.0, "cpu", fast=True).all() and not keep_mask((3, 5), 1.0, "cpu", fast=True).any()
 
 
 def test_nf4_base_equals_its_reference_path():

@@ -138,7 +138,7 @@ def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.
             from ..adapters.lora import quantize_base_to_nf4
 
             quantize_base_to_nf4(model, config.lora.target_modules)
-        inject_lora(model, config.lora, fast_dropout=True)  # masks from 31-bit integers: half the RNG cost
+        inject_lora(model, config.lora, fast_dropout=True)  # masks from 32-bit integer draws (adapters.fused.keep_mask)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ConfigError("nothing to train: no parameter requires a gradient", where="lora.target_modules",
