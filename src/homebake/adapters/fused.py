@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,8 +45,6 @@ def uniform_int32(shape, generator: torch.Generator | None = None) -> torch.Tens
     Seeded from torch's generator so that ``torch.manual_seed`` and the RNG state a checkpoint restores
     decide the masks; PCG64DXSM makes 64 random bits in about the time torch's CPU Mersenne Twister
     (single-threaded) makes 31, so a mask costs ~40% of ``random_``'s."""
-    import numpy as np
-
     seed = int(torch.randint(0, 2 ** 63 - 1, (), generator=generator))
     numel = max(1, math.prod(shape))
     words = np.random.PCG64DXSM(seed).random_raw((numel + 1) // 2)

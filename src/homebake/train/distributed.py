@@ -160,10 +160,6 @@ class World:
             import torch.distributed as dist
 
             if dist.is_initialized():
-                # Leave together: a rank tearing down gloo while a peer still has a transfer in flight can
-                # abort the peer ("terminate called without an active exception", SIGABRT) after a good run.
-                with collective("leaving the job"):
-                    dist.barrier()
                 dist.destroy_process_group()
 
 

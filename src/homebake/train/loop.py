@@ -221,6 +221,9 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         with collective("training") if setup.world.distributed else nullcontext():
             result = _train(config, setup)
+        # Leave together: a rank tearing down gloo while a peer still has a transfer in flight can abort the
+        # peer ("terminate called without an active exception", SIGABRT) after a good run.
+        setup.world.barrier("leaving the job")
         setup.world.close()  # not after a failure: a dead peer can make leaving the group hang
         return result
     finally:
