@@ -22,7 +22,7 @@ def make_case(seed=0, batch=3, seq=11, hidden=16, vocab=50, dtype=torch.float32)
     return h, w, targets
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 13, 1000])  # 13 and 1000: several softmax blocks, a short last one
 @pytest.mark.parametrize("weight_grad", [False, True])
 def test_fused_loss_and_grads_match_full_logits(chunk_rows, weight_grad):
     h, w, targets = make_case()
@@ -60,6 +60,19 @@ def test_bf16_inputs_stay_close_to_fp32():
     torch.testing.assert_close(total / count, expected / count, rtol=2e-2, atol=2e-2)
     total.backward()
     assert h.grad.dtype == torch.bfloat16
+
+
+def test_bf16_gradients_are_the_fp32_ones_at_bf16_precision():
+    """The bf16 logits buffer holds the gradient in place: it must still be softmax − one-hot times the
+    weight, within bf16's rounding of the fp32 reference."""
+    h, w, targets = make_case(seed=3, batch=4, seq=40, hidden=32, vocab=300)
+    h16, w16 = h.bfloat16().requires_grad_(), w.bfloat16()
+    total, _ = chunked_cross_entropy(h16, targets, w16, chunk_rows=37)
+    total.backward()
+    h32 = h16.detach().float().requires_grad_()
+    reference(h32, w16.float(), targets).backward()
+    error = (h16.grad.float() - h32.grad).norm() / h32.grad.norm()
+    assert error < 1e-2, f"bf16 gradient off by {error:.3%} of its norm"
 
 
 def test_no_trained_position_gives_zero_and_backward_works():

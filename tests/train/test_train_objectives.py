@@ -68,15 +68,16 @@ def runner_for(model, objective=None) -> StepRunner:
 # ---------------------------------------------------------------------------------------------- log-probs
 
 
+@pytest.mark.parametrize("chunk_rows", [13, 100])  # chunks of several softmax blocks, with a short last one
 @pytest.mark.parametrize("callable_head", [False, True])
-def test_chunked_token_logps_equal_log_softmax_with_gradients(callable_head):
+def test_chunked_token_logps_equal_log_softmax_with_gradients(callable_head, chunk_rows):
     torch.manual_seed(0)
     rows = torch.randn(37, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     tgt = torch.randint(0, 50, (37,))
     upstream = torch.randn(37)
     head = (lambda h: h @ weight.t()) if callable_head else weight
-    ours = token_logps(rows, tgt, head, chunk_rows=8)
+    ours = token_logps(rows, tgt, head, chunk_rows=chunk_rows)
     (ours * upstream).sum().backward()
     grads = rows.grad.clone(), weight.grad.clone()
     rows.grad = weight.grad = None

@@ -114,7 +114,7 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata=_help("start over in an --out folder that holds a previous run"))
     log_every: int = field(default=1, metadata=_help("write a metrics.jsonl line every N steps"))
     loss_chunk_rows: int | None = field(default=None, metadata=_help(
-        "trained positions per LM-head chunk (default: ~32 MiB of fp32 logits)"))
+        "trained positions per LM-head chunk (default: ~32 MiB of logits in the compute dtype)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
 
     def resolved_learning_rate(self) -> float:

@@ -65,7 +65,7 @@ def planner(args, config, *, source_kind: str, file_bytes: int, device_type: str
     storage = torch.float32 if config.method == "full" else compute_dtype
     model = meta_model(args, config, storage)
     objective = build_objective(config, model, compute_dtype)
-    chunk_rows = config.loss_chunk_rows or default_chunk_rows(args.vocab_size)
+    chunk_rows = config.loss_chunk_rows or default_chunk_rows(args.vocab_size, compute_dtype.itemsize)
 
     def plan_for(rows: int, checkpointing: bool) -> MemoryPlan:
         return training_plan(config, model, args, source_kind=source_kind, file_bytes=file_bytes,

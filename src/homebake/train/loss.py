@@ -24,8 +24,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-# Logits budget per chunk: rows × vocab × 4 bytes (fp32) stays around this size.
+# Logits budget per chunk (rows × vocab × the matmul dtype's bytes): big enough that the head matmul is not
+# bound by reading the (V, H) weight again for every chunk, small enough to stay one reused buffer.
 DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
+# The fp32 softmax runs over this many rows of a chunk at a time: 8 × V × 4 bytes (1.5 MiB at a 49k vocab)
+# stays in cache, where a whole chunk's fp32 pass did not (it was most of the loss's time on a CPU).
+SOFTMAX_BLOCK_ROWS = 8
 
 Head = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -52,35 +56,65 @@ def gather_trained(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), flat_targets.index_select(0, index)
 
 
-def default_chunk_rows(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    return max(16, budget_bytes // (4 * max(1, vocab_size)))
+def default_chunk_rows(vocab_size: int, element_bytes: int = 4, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per LM-head chunk whose logits, in a dtype of ``element_bytes``, fill the budget."""
+    return max(16, budget_bytes // (element_bytes * max(1, vocab_size)))
+
+
+def head_loss_bytes(chunk_rows: int, vocab_size: int, element_bytes: int) -> int:
+    """Peak extra memory of the fused head: the chunk's logits buffer and one block's fp32 softmax with its
+    input copy and result (``target_log_probs``)."""
+    return chunk_rows * vocab_size * element_bytes + 3 * SOFTMAX_BLOCK_ROWS * vocab_size * 4
+
+
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor, *, gradient: bool,
+                     row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 log softmax(logits)[target] per row of a chunk's ``logits`` (r, V, the matmul dtype), block by block.
+
+    With ``gradient``, ``logits`` is overwritten in place by d(-Σ logp_i)/d logits = softmax − one-hot,
+    each row multiplied by ``row_scale`` (r,) when given, ready for the matmuls back to the hidden states
+    and the weight.
+    """
+    picked = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    block_index = torch.arange(SOFTMAX_BLOCK_ROWS, device=logits.device)
+    for start in range(0, logits.shape[0], SOFTMAX_BLOCK_ROWS):
+        block = logits[start:start + SOFTMAX_BLOCK_ROWS]
+        tgt = targets[start:start + SOFTMAX_BLOCK_ROWS]
+        log_probs = torch.log_softmax(block, dim=-1, dtype=torch.float32)
+        picked[start:start + block.shape[0]] = log_probs.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        if gradient:
+            grad = log_probs.exp_()
+            grad[block_index[:block.shape[0]], tgt] -= 1.0
+            if row_scale is not None:
+                grad.mul_(row_scale[start:start + block.shape[0]].unsqueeze(1))
+            block.copy_(grad)
+    return picked
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), gradients computed during forward, chunk by chunk."""
+    """sum_i CE(hidden_i @ weight.T, target_i), gradients computed during forward, chunk by chunk.
+
+    The chunk's logits live in one reused buffer of the matmul dtype (bf16 halves it against fp32 and
+    feeds the backward matmuls without a cast); only the per-block softmax is fp32.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):  # noqa: D401 - autograd signature
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gradient = need_hidden_grad or need_weight_grad
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
         matmul_weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+        buffer = hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0])
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = hidden[start:start + chunk_rows]
-            tgt = targets[start:start + chunk_rows]
-            logits = (rows @ matmul_weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tgt.unsqueeze(1)).squeeze(1)).sum()
-            if need_hidden_grad or need_weight_grad:
-                # d(sum CE)/d logits = softmax − one-hot, computed in place over the logits buffer.
-                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
-                grad_logits[torch.arange(tgt.shape[0], device=tgt.device), tgt] -= 1.0
-                grad_logits = grad_logits.to(hidden.dtype)
-                if need_hidden_grad:
-                    torch.matmul(grad_logits, matmul_weight, out=grad_hidden[start:start + chunk_rows])
-                if need_weight_grad:
-                    grad_weight += (grad_logits.t() @ rows).float()
+            logits = torch.matmul(rows, matmul_weight.t(), out=buffer[:rows.shape[0]])
+            total -= target_log_probs(logits, targets[start:start + chunk_rows], gradient=gradient).sum()
+            if need_hidden_grad:  # ``logits`` now holds their gradient
+                torch.matmul(logits, matmul_weight, out=grad_hidden[start:start + chunk_rows])
+            if need_weight_grad:
+                grad_weight += (logits.t() @ rows).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -119,9 +153,9 @@ def chunked_cross_entropy(
         # Keep the graph connected so backward works on a batch with nothing to train.
         return hidden.sum() * 0.0, 0
     if isinstance(head, torch.Tensor):
-        chunk = chunk_rows or default_chunk_rows(head.shape[0])
+        chunk = chunk_rows or default_chunk_rows(head.shape[0], rows.element_size())
         return _LinearCrossEntropy.apply(rows, head, tgt, chunk), count
-    chunk = chunk_rows or DEFAULT_CHUNK_BYTES // (4 * 65536)
+    chunk = chunk_rows or default_chunk_rows(65536)
     total = None
     for start in range(0, count, chunk):
         part_rows, part_tgt = rows[start:start + chunk], tgt[start:start + chunk]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
-from .loss import IGNORE_INDEX, Head, default_chunk_rows, shift_targets
+from .loss import IGNORE_INDEX, Head, default_chunk_rows, shift_targets, target_log_probs
 
 OBJECTIVES = ("sft", "dpo", "orpo")
 LN2 = math.log(2.0)
@@ -51,42 +51,41 @@ LN2 = math.log(2.0)
 class _LinearTokenLogProb(torch.autograd.Function):
     """log softmax(hidden_i @ weight.T)[target_i] per row, chunk by chunk; backward recomputes each chunk's
     logits (the upstream gradient per token is only known after the whole pair loss), so at most
-    ``chunk_rows x V`` logits exist at a time."""
+    ``chunk_rows x V`` logits exist at a time, in one buffer of the matmul dtype (``loss.target_log_probs``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):  # noqa: D401 - autograd signature
         matmul_weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
+        buffer = hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0])
         for start in range(0, hidden.shape[0], chunk_rows):
-            logits = (hidden[start:start + chunk_rows] @ matmul_weight.t()).float()
-            lse[start:start + chunk_rows] = torch.logsumexp(logits, dim=-1)
-            tgt = targets[start:start + chunk_rows]
-            out[start:start + chunk_rows] = logits.gather(1, tgt.unsqueeze(1)).squeeze(1) - lse[start:start + chunk_rows]
-        ctx.save_for_backward(hidden, weight, targets, lse)
+            rows = hidden[start:start + chunk_rows]
+            logits = torch.matmul(rows, matmul_weight.t(), out=buffer[:rows.shape[0]])
+            out[start:start + rows.shape[0]] = target_log_probs(logits, targets[start:start + chunk_rows],
+                                                                gradient=False)
+        ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_rows = chunk_rows
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         matmul_weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_out = grad_out.float()
+        # d logp_target / d logits = one-hot − softmax: the loss's softmax − one-hot scaled by −upstream
+        row_scale = -grad_out.float()
+        buffer = hidden.new_empty(min(ctx.chunk_rows, hidden.shape[0]), weight.shape[0])
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             stop = start + ctx.chunk_rows
-            rows, tgt, g = hidden[start:stop], targets[start:stop], grad_out[start:stop]
-            logits = (rows @ matmul_weight.t()).float()
-            # d logp_target / d logits = one-hot - softmax, times the upstream gradient of each row
-            grad_logits = logits.sub_(lse[start:stop].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
-            grad_logits[torch.arange(tgt.shape[0], device=tgt.device), tgt] += g
-            grad_logits = grad_logits.to(hidden.dtype)
+            rows = hidden[start:stop]
+            logits = torch.matmul(rows, matmul_weight.t(), out=buffer[:rows.shape[0]])
+            target_log_probs(logits, targets[start:stop], gradient=True, row_scale=row_scale[start:stop])
             if need_hidden:
-                torch.matmul(grad_logits, matmul_weight, out=grad_hidden[start:stop])
+                torch.matmul(logits, matmul_weight, out=grad_hidden[start:stop])
             if need_weight:
-                grad_weight += (grad_logits.t() @ rows).float()
+                grad_weight += (logits.t() @ rows).float()
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
@@ -101,7 +100,8 @@ def token_logps(rows: torch.Tensor, tgt: torch.Tensor, head: Head, chunk_rows: i
     if rows.shape[0] == 0:
         return rows.sum(dim=-1).float() * 0.0
     if isinstance(head, torch.Tensor):
-        return _LinearTokenLogProb.apply(rows, head, tgt, chunk_rows or default_chunk_rows(head.shape[0]))
+        return _LinearTokenLogProb.apply(rows, head, tgt,
+                                        chunk_rows or default_chunk_rows(head.shape[0], rows.element_size()))
     chunk = chunk_rows or default_chunk_rows(65536)
     parts = []
     for start in range(0, rows.shape[0], chunk):

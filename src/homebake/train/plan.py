@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .loss import head_loss_bytes
+
 GIB = 1024 ** 3
 # Measured on the CPU (docs/train.md): the interpreter with torch and homebake imported and a tokenizer loaded,
 # and the peak RSS of non-checkpointed steps over the live activations this plan counts.
@@ -165,7 +167,7 @@ def estimate_memory(
     if device_type == "cpu":  # glibc's heap (train/allocator.py)
         activations = CPU_CHECKPOINT_BYTES + activations if gradient_checkpointing \
             else int(activations * CPU_HEAP_FACTOR)
-    head = head_chunk_rows * vocab_size * 4 * 2  # fp32 logits and their gradient for one chunk
+    head = head_loss_bytes(head_chunk_rows, vocab_size, activation_bytes)
     growth = max(activations, CPU_HEAP_GROWTH_FLOOR) if device_type == "cpu" else 0
     return MemoryPlan(frozen, trainable, trainable, 2 * trainable, activations, head, reference_bytes,
                       CPU_PROCESS_BYTES if on_cpu else 0, heap_growth=growth)

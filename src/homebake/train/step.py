@@ -39,7 +39,7 @@ class StepRunner:
         self.compute_dtype = compute_dtype
         self.device = device
         vocab = head_weight.shape[0] if head_weight is not None else 65536
-        self.chunk_rows = chunk_rows or default_chunk_rows(vocab)
+        self.chunk_rows = chunk_rows or default_chunk_rows(vocab, compute_dtype.itemsize)
 
     # One process: the identities below. ``train.distributed.DistributedStepRunner`` overrides them to cover
     # every rank (sums over ranks, gradient sync at the step's last micro-batch, sharded gradient norms).
