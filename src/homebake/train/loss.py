@@ -91,33 +91,45 @@ def target_log_probs(logits: torch.Tensor, targets: torch.Tensor, *, gradient: b
     return picked
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), gradients computed during forward, chunk by chunk.
+def linear_target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, *,
+                            grad_hidden: bool = False, grad_weight: bool = False,
+                            row_scale: torch.Tensor | None = None):
+    """log softmax(hidden_i @ weight.T)[target_i] (N,) fp32, chunk by chunk, and with ``grad_hidden`` /
+    ``grad_weight`` the gradients of −Σ row_scale_i · logp_i (row_scale 1 when None) for the hidden states (their
+    dtype) and the weight (fp32), else None.
 
-    The chunk's logits live in one reused buffer of the matmul dtype (bf16 halves it against fp32 and
-    feeds the backward matmuls without a cast); only the per-block softmax is fp32.
+    The chunk's logits live in one reused buffer of the matmul dtype (bf16 halves it against fp32 and feeds
+    the gradient matmuls without a cast); only the per-block softmax is fp32 (:func:`target_log_probs`).
     """
+    matmul_weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+    picked = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    hidden_gradient = torch.empty_like(hidden) if grad_hidden else None
+    weight_gradient = torch.zeros_like(weight, dtype=torch.float32) if grad_weight else None
+    buffer = hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0])
+    for start in range(0, hidden.shape[0], chunk_rows):
+        stop = start + chunk_rows
+        rows = hidden[start:stop]
+        logits = torch.matmul(rows, matmul_weight.t(), out=buffer[:rows.shape[0]])
+        picked[start:stop] = target_log_probs(logits, targets[start:stop], gradient=grad_hidden or grad_weight,
+                                              row_scale=None if row_scale is None else row_scale[start:stop])
+        if grad_hidden:  # ``logits`` now holds their gradient
+            torch.matmul(logits, matmul_weight, out=hidden_gradient[start:stop])
+        if grad_weight:
+            weight_gradient += (logits.t() @ rows).float()
+    return picked, hidden_gradient, weight_gradient
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), gradients computed during forward (:func:`linear_target_log_probs`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):  # noqa: D401 - autograd signature
-        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gradient = need_hidden_grad or need_weight_grad
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
-        matmul_weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-        buffer = hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0])
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = hidden[start:start + chunk_rows]
-            logits = torch.matmul(rows, matmul_weight.t(), out=buffer[:rows.shape[0]])
-            total -= target_log_probs(logits, targets[start:start + chunk_rows], gradient=gradient).sum()
-            if need_hidden_grad:  # ``logits`` now holds their gradient
-                torch.matmul(logits, matmul_weight, out=grad_hidden[start:start + chunk_rows])
-            if need_weight_grad:
-                grad_weight += (logits.t() @ rows).float()
+        log_probs, grad_hidden, grad_weight = linear_target_log_probs(
+            hidden, weight, targets, chunk_rows, grad_hidden=ctx.needs_input_grad[0],
+            grad_weight=ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return total
+        return -log_probs.sum()
 
     @staticmethod
     def backward(ctx, grad_total):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
-from .loss import IGNORE_INDEX, Head, default_chunk_rows, shift_targets, target_log_probs
+from .loss import IGNORE_INDEX, Head, default_chunk_rows, linear_target_log_probs, shift_targets
 
 OBJECTIVES = ("sft", "dpo", "orpo")
 LN2 = math.log(2.0)
@@ -51,41 +51,21 @@ LN2 = math.log(2.0)
 class _LinearTokenLogProb(torch.autograd.Function):
     """log softmax(hidden_i @ weight.T)[target_i] per row, chunk by chunk; backward recomputes each chunk's
     logits (the upstream gradient per token is only known after the whole pair loss), so at most
-    ``chunk_rows x V`` logits exist at a time, in one buffer of the matmul dtype (``loss.target_log_probs``)."""
+    ``chunk_rows x V`` logits exist at a time (``loss.linear_target_log_probs``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):  # noqa: D401 - autograd signature
-        matmul_weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        buffer = hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0])
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = hidden[start:start + chunk_rows]
-            logits = torch.matmul(rows, matmul_weight.t(), out=buffer[:rows.shape[0]])
-            out[start:start + rows.shape[0]] = target_log_probs(logits, targets[start:start + chunk_rows],
-                                                                gradient=False)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_rows = chunk_rows
-        return out
+        return linear_target_log_probs(hidden, weight, targets, chunk_rows)[0]
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        matmul_weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        # d logp_target / d logits = one-hot − softmax: the loss's softmax − one-hot scaled by −upstream
-        row_scale = -grad_out.float()
-        buffer = hidden.new_empty(min(ctx.chunk_rows, hidden.shape[0]), weight.shape[0])
-        for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            stop = start + ctx.chunk_rows
-            rows = hidden[start:stop]
-            logits = torch.matmul(rows, matmul_weight.t(), out=buffer[:rows.shape[0]])
-            target_log_probs(logits, targets[start:stop], gradient=True, row_scale=row_scale[start:stop])
-            if need_hidden:
-                torch.matmul(logits, matmul_weight, out=grad_hidden[start:stop])
-            if need_weight:
-                grad_weight += (logits.t() @ rows).float()
+        # the gradient of Σ g_i logp_i is that of −Σ row_scale_i logp_i with row_scale = −g
+        _, grad_hidden, grad_weight = linear_target_log_probs(
+            hidden, weight, targets, ctx.chunk_rows, grad_hidden=ctx.needs_input_grad[0],
+            grad_weight=ctx.needs_input_grad[1], row_scale=-grad_out.float())
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
